@@ -1,0 +1,123 @@
+"""Invertible layers with one signature: forward(x) -> (z, logdet), inverse(z) -> x.
+
+forward maps data to latent; logdet = log|det dz/dx| per sample, shape (B,).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["Flow", "FlowSequence", "ActNorm", "Squeeze"]
+
+
+class Flow(nn.Module):
+    """Base class: a bijection x -> z with a tractable log-determinant."""
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def inverse(self, z: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """Per-sample shape of z for a per-sample x of `input_shape` (identity by default)."""
+        return tuple(input_shape)
+
+
+class FlowSequence(Flow):
+    """Composition f = f_n o ... o f_1; log|det| adds up. One cascade serves both directions."""
+
+    def __init__(self, layers: Sequence[Flow]) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+
+    @staticmethod
+    def _cascade(x: Tensor, layers: Sequence[Flow], direction: str) -> tuple[Tensor, Tensor]:
+        logdet = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+        for layer in layers:
+            if direction == "forward":
+                x, ld = layer(x)
+                logdet = logdet + ld
+            else:
+                x = layer.inverse(x)
+        return x, logdet
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self._cascade(x, list(self.layers), "forward")
+
+    def inverse(self, z: Tensor) -> Tensor:
+        return self._cascade(z, list(self.layers)[::-1], "inverse")[0]
+
+    def output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
+        shape = tuple(input_shape)
+        for layer in self.layers:
+            shape = layer.output_shape(shape)
+        return shape
+
+
+class ActNorm(Flow):
+    """z = (x - b) * exp(-log_s) per channel (dim 1); data-dependent init gives unit variance.
+
+    log|det| = -sum_c log_s_c * (number of positions per channel). On the first forward in
+    training mode, b and log_s are set from the batch so that z has zero mean and unit
+    variance per channel (Kingma & Dhariwal 2018).
+    """
+
+    def __init__(self, num_channels: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.num_channels, self.eps = num_channels, eps
+        self.bias = nn.Parameter(torch.zeros(num_channels))
+        self.log_scale = nn.Parameter(torch.zeros(num_channels))
+        self.register_buffer("initialized", torch.tensor(False))
+
+    def _view(self, p: Tensor, x: Tensor) -> Tensor:
+        return p.view(1, -1, *([1] * (x.dim() - 2)))
+
+    @torch.no_grad()
+    def _init_from(self, x: Tensor) -> None:
+        per_channel = x.transpose(0, 1).reshape(self.num_channels, -1)  # (C, B * positions)
+        self.bias.copy_(per_channel.mean(1))
+        self.log_scale.copy_(torch.log(per_channel.std(1) + self.eps))
+        self.initialized.fill_(True)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        if x.dim() < 2 or x.shape[1] != self.num_channels:
+            raise ValueError(f"ActNorm expects (B, {self.num_channels}, ...), got {tuple(x.shape)}")
+        if self.training and not bool(self.initialized):
+            self._init_from(x)
+        z = (x - self._view(self.bias, x)) * torch.exp(-self._view(self.log_scale, x))
+        positions = x[0, 0].numel()
+        logdet = (-self.log_scale.sum() * positions).expand(x.shape[0])
+        return z, logdet
+
+    def inverse(self, z: Tensor) -> Tensor:
+        return z * torch.exp(self._view(self.log_scale, z)) + self._view(self.bias, z)
+
+
+class Squeeze(Flow):
+    """Invertible downsampling (C, H, W) -> (4C, H/2, W/2): each 2x2 block becomes 4 channels."""
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        b, c, h, w = self._check(x)
+        z = x.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4).reshape(b, 4 * c, h // 2, w // 2)
+        return z, torch.zeros(b, dtype=x.dtype, device=x.device)
+
+    def inverse(self, z: Tensor) -> Tensor:
+        b, c4, h2, w2 = z.shape
+        c = c4 // 4
+        return z.reshape(b, c, 2, 2, h2, w2).permute(0, 1, 4, 2, 5, 3).reshape(b, c, 2 * h2, 2 * w2)
+
+    def output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
+        c, h, w = input_shape
+        if h % 2 or w % 2:
+            raise ValueError(f"Squeeze needs even height and width, got {input_shape}")
+        return (4 * c, h // 2, w // 2)
+
+    @staticmethod
+    def _check(x: Tensor) -> tuple[int, int, int, int]:
+        if x.dim() != 4 or x.shape[2] % 2 or x.shape[3] % 2:
+            raise ValueError(f"Squeeze expects (B, C, H, W) with even H, W; got {tuple(x.shape)}")
+        return tuple(x.shape)  # type: ignore[return-value]
