@@ -25,6 +25,7 @@ class ModelConfig:
     logdet: Literal["power_series", "russian_roulette", "exact"] = "power_series"  # training estimator
     n_terms: int = 5  # power_series: series terms; russian_roulette: terms always computed
     n_probes: int = 1  # Hutchinson probes per estimate
+    neumann_gradient: bool = False  # memory-saving Neumann-series gradient for series estimators
     eval_logdet: Literal["same", "power_series", "russian_roulette", "exact"] = "same"  # in eval mode
     eval_n_terms: int = 10  # series terms when eval_logdet is a series estimator
     inverse_tol: float = 1e-6  # fixed-point inverse stops when max |x_{k+1} - x_k| < tol

@@ -97,12 +97,12 @@ class ResidualBlock(Flow):
         return f"logdet={self.logdet}, eval_logdet={self.eval_logdet}"
 
 
-def make_logdet(name: str, n_terms: int, n_probes: int) -> LogDetEstimator:
+def make_logdet(name: str, n_terms: int, n_probes: int, neumann_gradient: bool = False) -> LogDetEstimator:
     """Estimator from its config name."""
     if name == "power_series":
-        return PowerSeries(n_terms=n_terms, n_probes=n_probes)
+        return PowerSeries(n_terms=n_terms, n_probes=n_probes, neumann_gradient=neumann_gradient)
     if name == "russian_roulette":
-        return RussianRoulette(n_exact_terms=n_terms, n_probes=n_probes)
+        return RussianRoulette(n_exact_terms=n_terms, n_probes=n_probes, neumann_gradient=neumann_gradient)
     if name == "exact":
         return Exact()
     raise ValueError(f"Unknown log-det estimator {name!r}; use power_series, russian_roulette or exact")
@@ -117,7 +117,7 @@ def _activation(name: str) -> nn.Module:
 
 
 def _estimators(cfg: ModelConfig) -> tuple[LogDetEstimator, LogDetEstimator]:
-    train = make_logdet(cfg.logdet, cfg.n_terms, cfg.n_probes)
+    train = make_logdet(cfg.logdet, cfg.n_terms, cfg.n_probes, cfg.neumann_gradient)
     if cfg.eval_logdet == "same":
         return train, train
     return train, make_logdet(cfg.eval_logdet, cfg.eval_n_terms, cfg.n_probes)
