@@ -19,7 +19,8 @@ class ModelConfig:
     n_scales: int = 2  # conv only: scales, with a squeeze between consecutive ones
     kernel_size: int = 3  # conv only: first and last conv of g (the middle one is 1x1)
     coeff: float = 0.9  # Lipschitz bound of each spectrally normalised layer, < 1
-    n_power_iterations: int = 1  # power iterations per training step per layer
+    n_power_iterations: int = 1  # power iterations per training step per layer, at least ...
+    power_rtol: float | None = 1e-4  # ... then more until sigma changes < rtol (max 50); None: no more
     activation: Literal["lipswish", "elu"] = "lipswish"
     actnorm: bool = True  # ActNorm before every residual block
     logdet: Literal["power_series", "russian_roulette", "exact"] = "power_series"  # training estimator

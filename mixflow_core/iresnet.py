@@ -139,7 +139,7 @@ def build_mlp_iresnet(dim: int, cfg: ModelConfig) -> FlowSequence:
         for i, (w_in, w_out) in enumerate(zip(widths[:-1], widths[1:])):
             if i > 0:
                 net.append(_activation(cfg.activation))
-            net.append(SpectralLinear(w_in, w_out, cfg.coeff, cfg.n_power_iterations))
+            net.append(SpectralLinear(w_in, w_out, cfg.coeff, cfg.n_power_iterations, power_rtol=cfg.power_rtol))
         layers.append(_block(nn.Sequential(*net), cfg))
     return FlowSequence(layers)
 
@@ -161,13 +161,14 @@ def build_conv_iresnet(shape: tuple[int, int, int], cfg: ModelConfig) -> FlowSeq
         for _ in range(cfg.n_blocks):
             if cfg.actnorm:
                 layers.append(ActNorm(c))
-            k, hw = cfg.kernel_size, (h, w)
+            k, sn = cfg.kernel_size, dict(input_hw=(h, w), coeff=cfg.coeff,
+                                           n_power_iterations=cfg.n_power_iterations, power_rtol=cfg.power_rtol)
             g = nn.Sequential(
-                SpectralConv2d(c, hidden, k, hw, cfg.coeff, cfg.n_power_iterations),
+                SpectralConv2d(c, hidden, k, **sn),
                 _activation(cfg.activation),
-                SpectralConv2d(hidden, hidden, 1, hw, cfg.coeff, cfg.n_power_iterations),
+                SpectralConv2d(hidden, hidden, 1, **sn),
                 _activation(cfg.activation),
-                SpectralConv2d(hidden, c, k, hw, cfg.coeff, cfg.n_power_iterations),
+                SpectralConv2d(hidden, c, k, **sn),
             )
             layers.append(_block(g, cfg))
     return FlowSequence(layers)

@@ -26,7 +26,9 @@ class _SpectralNormMixin(nn.Module):
     """Shared power-iteration logic; subclasses define _apply_W and _apply_WT on one vector."""
 
     coeff: float
-    n_power_iterations: int
+    n_power_iterations: int  # at least this many power iterations per training step
+    power_rtol: float | None  # ... then more until sigma changes by at most this fraction
+    max_power_iterations: int  # ... but at most this many more
     u: Tensor  # left singular vector, shape of the output
     v: Tensor  # right singular vector, shape of the input
 
@@ -47,6 +49,32 @@ class _SpectralNormMixin(nn.Module):
         self.u.copy_(u)
         self.v.copy_(v)
 
+    @torch.no_grad()
+    def refresh(self) -> int:
+        """n_power_iterations, then more until sigma settles (relative change <= power_rtol); returns the count.
+
+        A fixed count falls behind in training: the gradient through sigma = u^T W v shrinks
+        W along the estimated (u, v) while the loss grows other directions, so the top
+        singular vector rotates away from the estimate. With one iteration per step the
+        operator norm reached ~1.13 for coeff 0.9 (NLL training of a 2-D MLP i-ResNet, fp32)
+        and ~1.1 for coeff 0.7 (50 Adam steps maximising the output); iterating to this
+        tolerance kept them near 0.92 and 0.71. Residual Flows likewise iterates to a tolerance.
+        On the digits model (10 blocks, 64-128-128-64, coeff 0.9, 300 Adam steps) the largest
+        operator norm was 0.994 with 1 iteration, 0.931 with rtol 1e-4 (1.6x step time) and
+        0.917 with rtol 1e-6 (5x): 1e-4 is the default trade-off; power_rtol=None turns it off.
+        """
+        self.power_iterate(self.n_power_iterations)
+        if self.power_rtol is None:
+            return self.n_power_iterations
+        sigma = float(self.sigma())
+        for extra in range(1, self.max_power_iterations + 1):
+            self.power_iterate(1)
+            new = float(self.sigma())
+            if abs(new - sigma) <= self.power_rtol * abs(new):
+                return self.n_power_iterations + extra
+            sigma = new
+        return self.n_power_iterations + self.max_power_iterations
+
     def sigma(self) -> Tensor:
         """sigma(W) ~= u^T W v, differentiable in W (u, v held constant)."""
         u, v = self.u.clone(), self.v.clone()  # clone: later in-place updates must not touch this graph
@@ -59,7 +87,7 @@ class _SpectralNormMixin(nn.Module):
         evaluations under no_grad see one fixed function.
         """
         if self.training and torch.is_grad_enabled() and self.n_power_iterations > 0:
-            self.power_iterate(self.n_power_iterations)
+            self.refresh()
         factor = torch.clamp(self.sigma() / self.coeff, min=1.0)
         return self.weight / factor
 
@@ -77,11 +105,14 @@ class SpectralLinear(_SpectralNormMixin):
         coeff: float = 0.9,
         n_power_iterations: int = 1,
         bias: bool = True,
+        power_rtol: float | None = 1e-4,
+        max_power_iterations: int = 50,
     ) -> None:
         super().__init__()
         _check_coeff(coeff)
         self.in_features, self.out_features = in_features, out_features
         self.coeff, self.n_power_iterations = coeff, n_power_iterations
+        self.power_rtol, self.max_power_iterations = power_rtol, max_power_iterations
         layer = nn.Linear(in_features, out_features, bias=bias)  # borrow PyTorch's default init
         self.weight = nn.Parameter(layer.weight.detach().clone())
         self.bias = nn.Parameter(layer.bias.detach().clone()) if bias else None
@@ -111,6 +142,8 @@ class SpectralConv2d(_SpectralNormMixin):
         coeff: float = 0.9,
         n_power_iterations: int = 1,
         bias: bool = True,
+        power_rtol: float | None = 1e-4,
+        max_power_iterations: int = 50,
     ) -> None:
         super().__init__()
         _check_coeff(coeff)
@@ -120,6 +153,7 @@ class SpectralConv2d(_SpectralNormMixin):
         self.kernel_size, self.padding = kernel_size, kernel_size // 2
         self.input_hw = tuple(input_hw)
         self.coeff, self.n_power_iterations = coeff, n_power_iterations
+        self.power_rtol, self.max_power_iterations = power_rtol, max_power_iterations
         layer = nn.Conv2d(in_channels, out_channels, kernel_size, padding=self.padding, bias=bias)
         self.weight = nn.Parameter(layer.weight.detach().clone())
         self.bias = nn.Parameter(layer.bias.detach().clone()) if bias else None

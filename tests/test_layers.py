@@ -1,0 +1,260 @@
+"""Invertible layers and i-ResNet builders: inverse(forward(x)) = x and logdet = log|det J| by jacrev."""
+
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+from mixflow_core.config import ModelConfig
+from mixflow_core.iresnet import (
+    ResidualBlock,
+    build_conv_iresnet,
+    build_iresnet,
+    build_mlp_iresnet,
+    fixed_point_inverse,
+)
+from mixflow_core.layers import ActNorm, FlowSequence, Squeeze
+from mixflow_core.lipschitz import LipSwish, SpectralLinear
+from mixflow_core.logdet import Exact
+
+# helpers ------------------------------------------------------------------------------------------
+
+
+def _exact_cfg(**kwargs) -> ModelConfig:
+    """Exact log-det and a tight, long fixed-point inverse: the tests compare against exact maths."""
+    base = dict(logdet="exact", inverse_tol=1e-10, inverse_max_iter=2000)
+    return ModelConfig(**{**base, **kwargs})
+
+
+def _data(shape: tuple[int, ...], batch: int = 8) -> torch.Tensor:
+    """Off-centre, unevenly scaled data, so ActNorm's initialisation is not the identity."""
+    scale = torch.linspace(0.5, 3.0, shape[0]).view(-1, *([1] * (len(shape) - 1)))
+    return 1.5 + scale * torch.randn(batch, *shape)
+
+
+def _initialised_eval(flow: nn.Module, x: torch.Tensor) -> nn.Module:
+    """One training-mode forward (ActNorm data init), then eval mode: a fixed function."""
+    flow.train()
+    flow(x)
+    return flow.eval()
+
+
+def _jacobian_logdet(flow: nn.Module, xi: torch.Tensor) -> torch.Tensor:
+    """log|det dz/dx| of one sample from the full (D, D) Jacobian of x -> z, by torch.func.jacrev."""
+    shape = xi.shape
+
+    def f(v: torch.Tensor) -> torch.Tensor:
+        return flow(v.reshape(1, *shape))[0].reshape(-1)
+
+    jac = torch.func.jacrev(f)(xi.reshape(-1).detach())  # (D, D)
+    assert jac.shape == (xi.numel(), xi.numel())
+    return torch.linalg.slogdet(jac.detach()).logabsdet
+
+
+def _assert_logdet_is_jacobian(flow: nn.Module, x: torch.Tensor, n_samples: int = 2) -> None:
+    logdet = flow(x)[1].detach()
+    assert logdet.shape == (x.shape[0],)
+    for i in range(n_samples):
+        assert float(logdet[i]) == pytest.approx(float(_jacobian_logdet(flow, x[i])), abs=1e-9)
+
+
+def _assert_inverts(flow: nn.Module, x: torch.Tensor) -> None:
+    with torch.no_grad():
+        z, _ = flow(x)
+        x_back = flow.inverse(z)
+    assert z.shape[0] == x.shape[0]
+    assert torch.allclose(x_back, x, atol=1e-6, rtol=0)
+
+
+def _mlp_g(dim: int, coeff: float = 0.9) -> nn.Module:
+    return nn.Sequential(SpectralLinear(dim, 8, coeff), LipSwish(), SpectralLinear(8, dim, coeff)).eval()
+
+
+# ActNorm -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(3,), (2, 4, 4)], ids=["vector", "image"])
+def test_actnorm_inverts_and_logdet_is_jacobian(shape):
+    x = _data(shape)
+    layer = _initialised_eval(ActNorm(shape[0]), x)
+    _assert_inverts(layer, x)
+    _assert_logdet_is_jacobian(layer, x)
+
+
+@pytest.mark.parametrize("shape", [(3,), (3, 4, 4)], ids=["vector", "image"])
+def test_actnorm_first_training_forward_standardises_each_channel(shape):
+    x = _data(shape, batch=64)
+    layer = ActNorm(shape[0])
+    assert not bool(layer.initialized)
+    z, _ = layer(x)
+    per_channel = z.transpose(0, 1).reshape(shape[0], -1)
+    assert torch.allclose(per_channel.mean(1), torch.zeros(shape[0]), atol=1e-10)
+    assert torch.allclose(per_channel.std(1), torch.ones(shape[0]), atol=1e-5)
+    assert bool(layer.initialized)
+    # later batches reuse the parameters: no re-initialisation
+    bias = layer.bias.detach().clone()
+    layer(x * 5.0 + 2.0)
+    assert torch.equal(layer.bias.detach(), bias)
+
+
+def test_actnorm_does_not_initialise_in_eval_mode():
+    layer = ActNorm(3).eval()
+    x = _data((3,))
+    z, logdet = layer(x)
+    assert not bool(layer.initialized)
+    assert torch.equal(z, x) and torch.equal(logdet, torch.zeros(8))
+
+
+def test_actnorm_initialized_flag_survives_state_dict_round_trip():
+    x = _data((3,))
+    trained = ActNorm(3)
+    trained(x)
+    restored = ActNorm(3)
+    restored.load_state_dict(trained.state_dict())
+    assert bool(restored.initialized)
+    x_new = _data((3,)) * 4.0  # would give different parameters if it re-initialised
+    restored(x_new)
+    assert torch.equal(restored.bias, trained.bias) and torch.equal(restored.log_scale, trained.log_scale)
+
+
+def test_actnorm_rejects_wrong_channel_count():
+    with pytest.raises(ValueError):
+        ActNorm(3)(torch.randn(4, 2))
+
+
+# Squeeze ---------------------------------------------------------------------------------------------
+
+
+def test_squeeze_is_a_permutation_with_zero_logdet():
+    x = torch.randn(3, 2, 4, 6)
+    squeeze = Squeeze()
+    z, logdet = squeeze(x)
+    assert z.shape == (3, 8, 2, 3) and squeeze.output_shape((2, 4, 6)) == (8, 2, 3)
+    assert torch.equal(logdet, torch.zeros(3))
+    assert torch.equal(squeeze.inverse(z), x)
+    # channel 4c + 2i + j at (h, w) is pixel (2h + i, 2w + j) of channel c
+    for c, i, j in [(0, 0, 0), (1, 0, 1), (1, 1, 0), (0, 1, 1)]:
+        assert torch.equal(z[:, 4 * c + 2 * i + j], x[:, c, i::2, j::2])
+    jac = torch.func.jacrev(lambda v: squeeze(v.reshape(1, 2, 4, 6))[0].reshape(-1))(x[0].reshape(-1))
+    assert bool(((jac == 0) | (jac == 1)).all())
+    assert torch.equal(jac.sum(0), torch.ones(48)) and torch.equal(jac.sum(1), torch.ones(48))
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 4), (1, 4, 5), (1, 3, 3)])
+def test_squeeze_rejects_odd_sizes(shape):
+    with pytest.raises(ValueError):
+        Squeeze()(torch.randn(2, *shape))
+    with pytest.raises(ValueError):
+        Squeeze().output_shape(shape)
+
+
+# FlowSequence --------------------------------------------------------------------------------------
+
+
+def test_flow_sequence_composes_shapes_logdets_and_inverses():
+    x = _data((2, 4, 4))
+    flow = _initialised_eval(FlowSequence([ActNorm(2), Squeeze(), ActNorm(8)]), x)
+    assert flow.output_shape((2, 4, 4)) == (8, 2, 2)
+    z, logdet = flow(x)
+    assert z.shape == (8, 8, 2, 2)
+    h, total = x, torch.zeros(8)
+    for layer in flow.layers:  # the composition, by hand
+        h, part = layer(h)
+        total = total + part
+    assert torch.equal(z, h)
+    assert torch.allclose(logdet, total, atol=1e-12)
+    assert logdet.abs().max() > 1e-3  # ActNorm made the total non-trivial
+    _assert_inverts(flow, x)
+    _assert_logdet_is_jacobian(flow, x)
+
+
+# ResidualBlock and fixed-point inverse ---------------------------------------------------------------
+
+
+def test_residual_block_inverts_and_logdet_is_jacobian():
+    block = ResidualBlock(_mlp_g(4), Exact(), inverse_tol=1e-10, inverse_max_iter=500).eval()
+    x = _data((4,))
+    _assert_inverts(block, x)
+    assert block.last_inverse is not None and block.last_inverse.converged
+    _assert_logdet_is_jacobian(block, x)
+
+
+def test_fixed_point_inverse_converges_for_contraction():
+    g = _mlp_g(3)
+    z = torch.randn(5, 3)
+    x, info = fixed_point_inverse(g, z, tol=1e-10, max_iter=500)
+    assert info.converged and info.iterations < 500 and info.max_change < 1e-10
+    with torch.no_grad():
+        assert torch.allclose(x + g(x), z, atol=1e-9, rtol=0)
+
+
+def test_fixed_point_inverse_reports_non_convergence():
+    z = torch.randn(5, 3)
+    _, info = fixed_point_inverse(_mlp_g(3), z, tol=1e-10, max_iter=1)
+    assert not info.converged and info.iterations == 1 and info.max_change > 1e-10
+
+
+def test_residual_block_warns_when_inverse_does_not_converge(caplog):
+    block = ResidualBlock(_mlp_g(3), Exact(), inverse_tol=1e-10, inverse_max_iter=1).eval()
+    z = torch.randn(4, 3)
+    with caplog.at_level(logging.WARNING, logger="mixflow_core.iresnet"):
+        block.inverse(z)
+    assert block.last_inverse is not None and not block.last_inverse.converged
+    assert any("did not converge" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
+
+    caplog.clear()
+    block.inverse_max_iter = 500
+    with caplog.at_level(logging.WARNING, logger="mixflow_core.iresnet"):
+        block.inverse(z)
+    assert block.last_inverse.converged and not caplog.records
+
+
+# whole models -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dim", [2, 6])
+def test_mlp_iresnet_inverts_and_logdet_is_jacobian(dim):
+    x = _data((dim,))
+    model = _initialised_eval(build_mlp_iresnet(dim, _exact_cfg(hidden=(8,), n_blocks=2)), x)
+    _assert_inverts(model, x)
+    _assert_logdet_is_jacobian(model, x)
+
+
+@pytest.mark.parametrize("shape", [(1, 4, 4), (3, 4, 4)])
+def test_conv_iresnet_inverts_and_logdet_is_jacobian(shape):
+    cfg = _exact_cfg(arch="conv", hidden=(4,), n_blocks=1, n_scales=2)
+    x = _data(shape, batch=4)
+    model = _initialised_eval(build_conv_iresnet(shape, cfg), x)
+    assert model.output_shape(shape) == (4 * shape[0], 2, 2)
+    assert sum(isinstance(layer, Squeeze) for layer in model.layers) == 1
+    _assert_inverts(model, x)
+    _assert_logdet_is_jacobian(model, x)
+
+
+@pytest.mark.parametrize(
+    "shape, cfg",
+    [((1, 4, 4), ModelConfig(arch="mlp")), ((16,), ModelConfig(arch="conv", hidden=(4,)))],
+    ids=["mlp_on_image", "conv_on_vector"],
+)
+def test_builder_rejects_arch_shape_mismatch(shape, cfg):
+    with pytest.raises(ValueError):
+        build_iresnet(shape, cfg)
+
+
+@pytest.mark.parametrize(
+    "shape, cfg",
+    [
+        ((4,), ModelConfig(arch="mlp", hidden=(8,), n_blocks=2)),
+        ((2, 4, 4), ModelConfig(arch="conv", hidden=(4,), n_blocks=1, n_scales=2)),
+    ],
+    ids=["mlp", "conv"],
+)
+def test_every_parameter_gets_a_gradient(shape, cfg):
+    model = build_iresnet(shape, cfg).train()
+    assert cfg.logdet == "power_series"  # the default training estimator
+    z, logdet = model(_data(shape, batch=4))
+    (0.5 * z.pow(2).flatten(1).sum(1) - logdet).mean().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name
+        assert torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
