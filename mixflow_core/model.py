@@ -130,6 +130,10 @@ class MixtureFlow(nn.Module):
         z, logdet = self.encode(x)
         return self.prior.log_prob_all(z) + logdet[:, None]
 
+    def forward(self, x: Tensor) -> Tensor:
+        """log p(x | k) for every class, (B, K); the call DistributedDataParallel wraps."""
+        return self.log_prob_all(x)
+
     def log_prob(self, x: Tensor, y: Tensor) -> Tensor:
         """log p(x | y): (B,)."""
         y = self.prior.check_labels(y, x.shape[0])

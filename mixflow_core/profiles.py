@@ -1,0 +1,120 @@
+"""Named configurations per dataset: smoke (seconds, for tests), default (CPU), full (GPU scale).
+
+A profile is a RunConfig: the four configs that define a training run. `get_profile` returns
+one; `apply_overrides` changes fields by dotted names ("train.lr", "model.n_blocks", ...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, replace
+from typing import Any
+
+from .config import ModelConfig, PriorConfig, from_dict, to_dict
+from .data import DataConfig
+from .train import TrainConfig
+
+__all__ = ["RunConfig", "get_profile", "apply_overrides", "PROFILES", "DATASETS"]
+
+DATASETS = ("digits", "fashion-mnist", "cifar10", "toy2d")
+PROFILES = ("smoke", "default", "full")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    prior: PriorConfig = PriorConfig()
+    train: TrainConfig = TrainConfig()
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return {f.name: to_dict(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, dict[str, Any]]) -> RunConfig:
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"Unknown config section(s) {sorted(unknown)}; use data, model, prior, train")
+        kinds = {"data": DataConfig, "model": ModelConfig, "prior": PriorConfig, "train": TrainConfig}
+        return cls(**{k: from_dict(kinds[k], v) for k, v in d.items()})
+
+
+_CONV_IMAGE = dict(arch="conv", n_scales=3, kernel_size=3, coeff=0.9, logdet="power_series", n_terms=5, actnorm=True)
+
+
+def _profiles() -> dict[tuple[str, str], RunConfig]:
+    p: dict[tuple[str, str], RunConfig] = {}
+    # digits: 64-D vectors, 17 levels
+    p["digits", "default"] = RunConfig(
+        DataConfig("digits"),
+        ModelConfig(arch="mlp", hidden=(128, 128), n_blocks=10, coeff=0.9, n_terms=5),
+        PriorConfig(init="separated", radius=1.0),
+        TrainConfig(epochs=150, batch_size=64, lr=1e-3, objective="hybrid", beta=64.0,
+                    early_stopping="val_bpd", patience=25, max_minutes=5.0),
+    )
+    p["digits", "smoke"] = RunConfig(
+        DataConfig("digits", train_limit=300),
+        ModelConfig(arch="mlp", hidden=(32,), n_blocks=2, n_terms=2),
+        PriorConfig(init="separated"),
+        TrainConfig(epochs=2, batch_size=64, lr=1e-3, objective="hybrid", beta=64.0, early_stopping="none", progress=False),
+    )
+    p["digits", "full"] = replace(p["digits", "default"], train=replace(p["digits", "default"].train, epochs=400, max_minutes=None, patience=50))
+    # toy2d: continuous 2-D moons
+    p["toy2d", "default"] = RunConfig(
+        DataConfig("toy2d"),
+        ModelConfig(arch="mlp", hidden=(64, 64), n_blocks=6, n_terms=5),
+        PriorConfig(init="separated", radius=2.0),
+        TrainConfig(epochs=60, batch_size=128, lr=3e-3, objective="hybrid", beta=2.0, early_stopping="none"),
+    )
+    p["toy2d", "smoke"] = replace(
+        p["toy2d", "default"], model=ModelConfig(arch="mlp", hidden=(16,), n_blocks=2, n_terms=2),
+        train=replace(p["toy2d", "default"].train, epochs=2, progress=False),
+    )
+    p["toy2d", "full"] = replace(p["toy2d", "default"], train=replace(p["toy2d", "default"].train, epochs=300))
+    # images: multi-scale conv i-ResNets
+    full_width = {"fashion-mnist": (128, 8), "cifar10": (512, 16)}  # (hidden channels, blocks per scale)
+    for name, (width, blocks) in full_width.items():
+        d = 784 if name == "fashion-mnist" else 3072
+        p[name, "smoke"] = RunConfig(
+            DataConfig(name, train_limit=200),
+            ModelConfig(**{**_CONV_IMAGE, "n_scales": 2, "hidden": (8,), "n_blocks": 1, "n_terms": 2}),
+            PriorConfig(init="separated"),
+            TrainConfig(epochs=1, batch_size=32, objective="hybrid", beta=float(d), early_stopping="none", progress=False),
+        )
+        p[name, "default"] = RunConfig(  # CPU-sized
+            DataConfig(name),
+            ModelConfig(**{**_CONV_IMAGE, "hidden": (32,), "n_blocks": 2}),
+            PriorConfig(init="separated"),
+            TrainConfig(epochs=10, batch_size=64, lr=1e-3, objective="hybrid", beta=float(d), early_stopping="val_bpd",
+                        patience=3, threads=2),
+        )
+        p[name, "full"] = RunConfig(  # i-ResNet / Residual-Flow scale, one or more GPUs
+            DataConfig(name),
+            ModelConfig(**{**_CONV_IMAGE, "hidden": (width,), "n_blocks": blocks, "logdet": "russian_roulette",
+                           "n_terms": 2, "neumann_gradient": True}),
+            PriorConfig(init="separated"),
+            TrainConfig(epochs=100, batch_size=64, lr=1e-3, objective="hybrid", beta=float(d), schedule="cosine",
+                        early_stopping="val_bpd", patience=10, device="cuda", grad_clip=100.0, eval_batch_size=256),
+        )
+    return p
+
+
+_ALL = _profiles()
+
+
+def get_profile(dataset: str, profile: str = "default") -> RunConfig:
+    """The named RunConfig for a dataset."""
+    if (dataset, profile) not in _ALL:
+        raise ValueError(f"No profile {profile!r} for dataset {dataset!r}; datasets {DATASETS}, profiles {PROFILES}")
+    return _ALL[dataset, profile]
+
+
+def apply_overrides(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
+    """Set fields by dotted name, e.g. {"train.lr": 3e-4, "model.hidden": [64, 64]}; values are type-checked by name."""
+    sections = cfg.to_dict()
+    for key, value in overrides.items():
+        section, _, name = key.partition(".")
+        if section not in sections or name not in sections[section]:
+            raise ValueError(f"Unknown config field {key!r}; fields look like train.lr, model.n_blocks, prior.init, data.root")
+        sections[section][name] = value
+    return RunConfig.from_dict(sections)
