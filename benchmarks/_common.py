@@ -1,0 +1,48 @@
+"""Shared helpers for the benchmark scripts: the header (command, machine) and Markdown tables."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import sys
+
+import torch
+
+
+def header(threads: int) -> str:
+    """Command line, date and machine facts as Markdown lines."""
+    try:
+        load = " / ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        load = "n/a"
+    return "\n".join([
+        f"command: `{' '.join([os.path.basename(sys.executable), *sys.argv])}`",
+        f"date: {datetime.datetime.now().isoformat(timespec='seconds')}",
+        f"machine: {platform.platform()}, {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} CPUs, python {platform.python_version()}, torch {torch.__version__}, "
+        f"torch threads {threads}, load average at start (1/5/15 min) {load}",
+    ])
+
+
+def table(rows: list[dict], columns: list[str] | None = None) -> str:
+    """A Markdown table of dicts (floats to 4 significant digits)."""
+    if not rows:
+        return "(no rows)"
+    columns = columns or list(rows[0])
+
+    def fmt(v) -> str:
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return "" if v is None else str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def loadavg() -> float:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return float("nan")
