@@ -7,8 +7,10 @@ one; `apply_overrides` changes fields by dotted names ("train.lr", "model.n_bloc
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Literal, Union
 
 from .config import ModelConfig, PriorConfig, from_dict, to_dict
 from .data import DataConfig
@@ -109,12 +111,51 @@ def get_profile(dataset: str, profile: str = "default") -> RunConfig:
     return _ALL[dataset, profile]
 
 
+def _conform(value: Any, hint: Any) -> tuple[bool, Any]:
+    """(value fits the annotation `hint`, value converted: list -> tuple, int -> float)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        return any(type(value) is type(a) and value == a for a in args), value
+    if origin in (Union, types.UnionType):
+        for arg in args:
+            ok, converted = _conform(value, arg)
+            if ok:
+                return True, converted
+        return False, value
+    if origin is tuple:  # tuple[int, ...]
+        if not isinstance(value, (list, tuple)):
+            return False, value
+        items = [_conform(v, args[0]) for v in value]
+        return all(ok for ok, _ in items), tuple(v for _, v in items)
+    if hint is type(None):
+        return value is None, value
+    if hint is bool or isinstance(value, bool):  # bool is an int subclass: keep them apart
+        return hint is bool and isinstance(value, bool), value
+    if hint is float:
+        return isinstance(value, (int, float)), float(value) if isinstance(value, (int, float)) else value
+    if hint in (int, str):
+        return isinstance(value, hint), value
+    return True, value
+
+
+def _describe(hint: Any) -> str:
+    if typing.get_origin(hint) is Literal:
+        return "one of " + ", ".join(map(repr, typing.get_args(hint)))
+    if isinstance(hint, type):
+        return hint.__name__
+    return str(hint).replace("typing.", "").replace("NoneType", "None")
+
+
 def apply_overrides(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
     """Set fields by dotted name, e.g. {"train.lr": 3e-4, "model.hidden": [64, 64]}; values are type-checked by name."""
     sections = cfg.to_dict()
+    kinds = {f.name: typing.get_type_hints(type(getattr(cfg, f.name))) for f in dataclasses.fields(cfg)}
     for key, value in overrides.items():
         section, _, name = key.partition(".")
         if section not in sections or name not in sections[section]:
             raise ValueError(f"Unknown config field {key!r}; fields look like train.lr, model.n_blocks, prior.init, data.root")
-        sections[section][name] = value
+        ok, converted = _conform(value, kinds[section][name])
+        if not ok:
+            raise ValueError(f"{key} must be {_describe(kinds[section][name])}, got {value!r}")
+        sections[section][name] = converted
     return RunConfig.from_dict(sections)
