@@ -119,8 +119,9 @@ class MixtureFlow(nn.Module):
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x -> (z flattened (B, D), log|det dz/dx| (B,) incl. preprocessing and -D log L)."""
         self._check_x(x)
-        if not x.is_floating_point():  # integer levels (e.g. uint8): x + u must not truncate u to 0
-            x = x.to(self.prior.means.dtype)
+        # the model's dtype: integer levels (e.g. uint8) must not truncate u to 0, and float32 data (toy2d)
+        # must not meet float64 weights (only ActNorm's type promotion hid that)
+        x = x.to(self.prior.means.dtype)
         h, logdet_pre = self.preprocess(x)
         z, logdet_flow = self.flow(h)
         return z.flatten(1), logdet_pre + logdet_flow

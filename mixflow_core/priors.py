@@ -79,8 +79,13 @@ class ClassConditionalGaussian(nn.Module):
 
     # -- distributions ---------------------------------------------------------------
     def components(self) -> Independent:
-        """Batch of K diagonal Gaussians, batch_shape (K,), event_shape (D,)."""
-        return Independent(Normal(self.means, torch.exp(self.log_scales)), 1)
+        """Batch of K diagonal Gaussians, batch_shape (K,), event_shape (D,).
+
+        No argument validation: shapes are checked by _check_z, and a non-finite latent (a diverging
+        flow) must give a non-finite log-density for fit's NaN guard to skip, not a ValueError.
+        """
+        normal = Normal(self.means, torch.exp(self.log_scales), validate_args=False)
+        return Independent(normal, 1, validate_args=False)
 
     def class_prior(self) -> Categorical:
         return Categorical(logits=self.log_class_probs)

@@ -245,9 +245,17 @@ def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+# Fields that shape the parameter trajectory; the rest (epochs, patience, max_minutes, threads, ...) may change
+# on resume. The optimiser's state restores the saved lr / weight decay of each group, so a changed value
+# would otherwise be silently ignored.
+_RESUME_FIXED = ("batch_size", "lr", "prior_lr", "weight_decay", "prior_weight_decay", "objective", "beta",
+                 "push_lambda", "schedule", "grad_clip", "seed")
+
+
 def _restore(model: MixtureFlow, opt, sched, ckpt: dict[str, Any], cfg: TrainConfig, path: Path) -> None:
     saved = ckpt.get("train_config", {})
-    changed = {k for k in ("batch_size", "lr", "objective", "beta", "seed", "schedule") if saved.get(k) != getattr(cfg, k)}
+    fixed = _RESUME_FIXED + (("epochs",) if cfg.schedule == "cosine" else ())  # the schedule's length
+    changed = {k for k in fixed if saved.get(k) != getattr(cfg, k)}
     if changed:
         raise CheckpointError(f"checkpoint {path} was written with a different TrainConfig ({sorted(changed)}); "
                               "start a new run directory or pass the same configuration")
@@ -295,8 +303,8 @@ def fit(
         if (run_dir / "best.pt").exists():
             best_state = load_checkpoint(run_dir / "best.pt", device)["model"]
         logger.info("resumed from %s at epoch %d", ckpt_path, start_epoch)
-        if history.stopped in ("early stopping", "time budget"):
-            start_epoch = cfg.epochs  # that run had finished; nothing left to do
+        if history.stopped == "early stopping":
+            start_epoch = cfg.epochs  # that run had converged; a time-budget stop continues with a fresh budget
     else:
         _init_actnorm(model, data.train, cfg.batch_size, device)
 
@@ -309,7 +317,8 @@ def fit(
         raise ValueError(f"batch_size {cfg.batch_size} x {ctx.world} processes exceeds the {len(data.train)} training examples")
     probe_x = torch.stack([data.val[i][0] for i in range(min(len(data.val), 64))])
     t_start, consecutive_bad = time.perf_counter(), 0
-    history.stopped = "completed"
+    if start_epoch < cfg.epochs:
+        history.stopped = "completed"  # until the loop says otherwise
     for epoch in range(start_epoch, cfg.epochs):
         sampler.set_epoch(epoch)
         model.train()
@@ -342,6 +351,8 @@ def fit(
             loss_sum, n_ok = loss_sum + loss.item(), n_ok + 1
             bar.set_postfix(loss=f"{loss.item():.4f}")
         sched.step()
+        totals = ctx.all_sum(torch.tensor([loss_sum, float(n_ok)], dtype=torch.float64, device=device))
+        loss_sum, n_ok = float(totals[0]), int(totals[1])  # over all ranks: the same History everywhere
         record = {"epoch": epoch + 1, "train_loss": loss_sum / max(n_ok, 1), "epoch_seconds": time.perf_counter() - t0}
         record.update(_validate(model, data.val, cfg, objective, ctx, device))
         record.update(_mean_distance_stats(model))

@@ -1,0 +1,236 @@
+"""Command line: ``python -m mixflow_core`` (or ``mixflow``) train | evaluate | sample.
+
+Results go to stdout; progress goes through logging (-v info, -vv debug with tracebacks).
+Bad input exits with status 2 and one line on stderr. Run directories: see runs.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from .data import load_data
+from .model import build_model
+from .plotting import fig_sample_grid, fig_samples_2d
+from .profiles import DATASETS, PROFILES, get_profile
+from .runs import (
+    CONFIG, HISTORY, METRICS, RESUMABLE, RunError, check_same_data, config_diff, dataset_info, evaluate_seeded,
+    find_checkpoint, load_run_model, merge_config, one_line, parse_set, read_config, read_config_file,
+    resolve_device, write_config, write_json,
+)
+from .train import NonFiniteLossError, fit, load_checkpoint
+
+logger = logging.getLogger(__name__)
+
+EXAMPLES = """examples:
+  mixflow train --dataset digits --profile smoke --set train.epochs=5 model.dequantize=false
+  mixflow train --run-dir runs/digits-smoke-seed0 --resume --set train.epochs=20
+  mixflow evaluate runs/digits-smoke-seed0 --split val
+  mixflow sample runs/digits-smoke-seed0 --classes 0 1 2 --n 8 --temperature 0.7 --out grid.png
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line (status 2) instead of a usage dump
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _Parser(add_help=False)
+    common.add_argument("-v", "--verbose", action="count", default=0,
+                        help="-v: log progress; -vv: debug, with tracebacks")
+    p = _Parser(prog="mixflow", description="Mixture flows: i-ResNet flows with a class-conditional Gaussian prior "
+                "that generate and classify.", epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, metavar="{train,evaluate,sample}")
+
+    t = sub.add_parser("train", parents=[common], help="train a model into a run directory",
+                       description="Train a model. Config precedence: "
+                       "profile < --config < --set < --device/--seed/--data-root.")
+    t.add_argument("--dataset", choices=DATASETS, help="required unless --run-dir DIR --resume")
+    t.add_argument("--profile", choices=PROFILES,
+                   help="smoke (seconds), default (CPU) or full (GPU scale); default: default")
+    t.add_argument("--config", metavar="FILE", help="JSON (or YAML, with PyYAML) file {section: {field: value}}; "
+                   "a run's config.json works too")
+    t.add_argument("--set", nargs="+", action="extend", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="override fields, e.g. train.lr=3e-4 model.hidden=[64,64]; "
+                   "values parse as JSON, else as strings")
+    t.add_argument("--run-dir", type=Path, help="output directory (default: runs/<dataset>-<profile>-seed<N>)")
+    t.add_argument("--resume", action="store_true",
+                   help="continue --run-dir from its checkpoint.pt with its config.json; "
+                   f"only {', '.join(sorted(RESUMABLE))} may change")
+    t.add_argument("--device", help="cpu, cuda, cuda:N or auto (sets train.device)")
+    t.add_argument("--seed", type=int,
+                   help="sets train.seed: weight init, batch order, noise (data.seed fixes the split)")
+    t.add_argument("--data-root", help="directory with the dataset files (sets data.root)")
+
+    e = sub.add_parser("evaluate", parents=[common], help="metrics of a trained run on the test or validation split",
+                       description="Rebuild the model from RUN_DIR/config.json, load best.pt (else checkpoint.pt) and "
+                       "write accuracy, bits/dim (conditional, marginal), ECE and the confusion matrix as JSON.")
+    e.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    e.add_argument("--split", choices=("test", "val"), default="test")
+    e.add_argument("--out", type=Path, help="metrics JSON (default: RUN_DIR/eval-<split>.json)")
+    e.add_argument("--seed", type=int, help="seed of dequantisation noise and probes (default: the run's train.seed, "
+                   "which reproduces metrics.json)")
+    e.add_argument("--device", help="default: the run's train.device")
+    e.add_argument("--data-root", help="where the dataset files are now (default: the run's data.root)")
+
+    s = sub.add_parser("sample", parents=[common], help="PNG of samples per class",
+                       description="Sample z ~ N(mu_y, T^2 sigma_y^2), x = f^-1(z): a grid with one row per class "
+                       "(images), or a scatter plot coloured by class (2-D data).")
+    s.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    s.add_argument("--classes", type=int, nargs="+", help="class indices, one row each (default: all)")
+    s.add_argument("--n", type=int, default=8, help="samples per class (default 8)")
+    s.add_argument("--temperature", type=float, default=0.7, help="T, scales the prior's std (default 0.7)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the sampling torch.Generator (default 0)")
+    s.add_argument("--out", type=Path, help="image file (default: RUN_DIR/samples.png)")
+    s.add_argument("--device", help="default: the run's train.device")
+    return p
+
+
+def _summary(split: str, m: dict) -> str:
+    return (f"{split}: accuracy {m['accuracy']:.4f}, bits/dim {m['bpd_conditional']:.4f} (conditional) / "
+            f"{m['bpd_marginal']:.4f} (marginal), ECE {m['ece']:.4f}, n={m['n']}")
+
+
+def _train(args: argparse.Namespace) -> int:
+    overrides = {**(read_config_file(args.config) if args.config else {}), **parse_set(args.set)}
+    flags = {"train.device": args.device, "train.seed": args.seed, "data.root": args.data_root}
+    overrides.update({k: v for k, v in flags.items() if v is not None})
+    profile, fresh, saved_info = args.profile or "default", None, None
+    if not (args.resume and args.run_dir):
+        if args.dataset is None:
+            raise RunError("train needs --dataset (or --run-dir DIR --resume to continue a run)")
+        fresh = merge_config(get_profile(args.dataset, profile), overrides)
+    run_dir = args.run_dir or Path("runs") / f"{fresh.data.name}-{profile}-seed{fresh.train.seed}"
+    if args.resume:  # the saved config is the base; only RESUMABLE fields may change
+        saved, profile, saved_info = read_config(run_dir)
+        if args.dataset not in (None, saved.data.name) or args.profile not in (None, profile):
+            raise RunError(f"{run_dir} holds a {saved.data.name} run with profile {profile}; "
+                           "--dataset/--profile disagree")
+        cfg = merge_config(saved, overrides)
+        fixed = {k: d for k, d in config_diff(saved, cfg).items() if k not in RESUMABLE}
+        if fixed:
+            change = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in sorted(fixed.items()))
+            raise RunError(f"--resume reuses {run_dir / CONFIG} but this command changes {change}; "
+                           "start a new --run-dir for a different configuration")
+    else:
+        cfg = fresh
+    resolve_device(cfg.train.device)  # fail early on a bad device
+    if not args.resume and ((run_dir / CONFIG).exists() or (run_dir / "checkpoint.pt").exists()):
+        raise RunError(f"{run_dir} already holds a run: continue it with --resume or choose another --run-dir")
+    data = load_data(cfg.data)
+    info = dataset_info(data)
+    if saved_info is not None:
+        check_same_data(saved_info, info, run_dir)
+    torch.manual_seed(cfg.train.seed)  # weight initialisation (a resumed run loads its weights instead)
+    model = build_model(data.data_shape, data.num_classes, data.levels, cfg.model, cfg.prior, data.class_counts())
+    main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 writes
+    if main_rank:
+        write_config(run_dir, cfg, profile, info)
+    try:
+        history = fit(model, data, cfg.train, run_dir=run_dir, resume=args.resume)
+    except KeyboardInterrupt:
+        print(f"interrupted; continue with: mixflow train --run-dir {run_dir} --resume", file=sys.stderr)
+        return 130
+    except Exception:
+        if main_rank and not args.resume and not (run_dir / "checkpoint.pt").exists():
+            (run_dir / CONFIG).unlink(missing_ok=True)  # failed before any epoch: leave no half run behind
+        raise
+    if not main_rank:
+        return 0
+    write_json(run_dir / HISTORY, history.to_dict())
+    device, ckpt = model.prior.means.device, find_checkpoint(run_dir)
+    model.load_state_dict(load_checkpoint(ckpt, device)["model"])  # exactly the weights `evaluate` loads
+    seed, batch = cfg.train.seed, cfg.train.eval_batch_size
+    metrics = {"checkpoint": ckpt.name, "eval_seed": seed, "best_epoch": history.best_epoch,
+               "epochs": len(history.epochs), "stopped": history.stopped}
+    for split in ("val", "test"):
+        metrics[split] = evaluate_seeded(model, getattr(data, split), seed, batch, device)
+    write_json(run_dir / METRICS, metrics)
+    files = [f for f in (CONFIG, HISTORY, METRICS, "checkpoint.pt", "best.pt") if (run_dir / f).exists()]
+    print(f"run directory: {run_dir} ({', '.join(files)})")
+    print(f"trained {len(history.epochs)} epochs ({history.stopped}); "
+          f"metrics use {ckpt.name} (epoch {history.best_epoch})")
+    print(_summary("val", metrics["val"]))
+    print(_summary("test", metrics["test"]))
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    model, cfg, info, ckpt = load_run_model(args.run_dir, args.device)
+    data_cfg = cfg.data if args.data_root is None else dataclasses.replace(cfg.data, root=args.data_root)
+    data = load_data(data_cfg)
+    check_same_data(info, dataset_info(data), args.run_dir)
+    torch.set_num_threads(cfg.train.threads)
+    seed = cfg.train.seed if args.seed is None else args.seed
+    device = model.prior.means.device
+    m = evaluate_seeded(model, getattr(data, args.split), seed, cfg.train.eval_batch_size, device)
+    out = args.out or args.run_dir / f"eval-{args.split}.json"
+    write_json(out, {"run_dir": str(args.run_dir), "split": args.split, "checkpoint": ckpt.name,
+                     "eval_seed": seed, **m})
+    print(f"{args.run_dir} ({ckpt.name}) {_summary(args.split, m)}")
+    print(f"wrote {out}")
+    return 0
+
+
+def _sample(args: argparse.Namespace) -> int:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    model, cfg, info, ckpt = load_run_model(args.run_dir, args.device)
+    k, shape, levels = info["num_classes"], tuple(info["data_shape"]), info["levels"]
+    classes = list(range(k)) if args.classes is None else args.classes
+    if any(not 0 <= c < k for c in classes):
+        raise RunError(f"--classes must lie in 0..{k - 1}, got {classes}")
+    if args.n < 1 or args.temperature < 0:
+        raise RunError(f"--n must be >= 1 and --temperature >= 0, got {args.n} and {args.temperature}")
+    if levels is None and shape != (2,):
+        raise RunError(f"can only draw continuous samples in 2-D, not of shape {shape}")
+    torch.set_num_threads(cfg.train.threads)
+    device = model.prior.means.device
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    rows = [model.sample(c, n=args.n, temperature=args.temperature, generator=gen).cpu() for c in classes]
+    names = [info["class_names"][c] for c in classes]
+    if levels is None:
+        fig = fig_samples_2d(rows, names, args.temperature)
+    else:
+        fig = fig_sample_grid(rows, shape, levels, names)
+    out = args.out or args.run_dir / "samples.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    FigureCanvasAgg(fig)
+    fig.savefig(out)
+    what = "scatter plot" if levels is None else f"grid, rows = classes {classes}, {args.n} columns"
+    print(f"wrote {out}: {args.n} samples per class at T={args.temperature:g}, seed {args.seed} ({what}; {ckpt.name})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `mixflow` / `python -m mixflow_core`.
+
+    Returns 0; on failure prints one line to stderr and raises SystemExit(2) (bad input) or
+    SystemExit(1) (training diverged).
+    """
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("mixflow_core").setLevel((logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)])
+    try:
+        return {"train": _train, "evaluate": _evaluate, "sample": _sample}[args.command](args)
+    except NonFiniteLossError as err:  # training diverged: not bad input, but no traceback either
+        _fail(err, 1)
+    except (ValueError, OSError) as err:  # RunError, CheckpointError, DatasetNotFoundError, config validation
+        _fail(err, 2)
+
+
+def _fail(err: BaseException, code: int):
+    logger.debug("details", exc_info=err)
+    print(f"mixflow: error: {one_line(err)}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,229 @@
+"""Run directories: what a training run leaves behind, and how to read it back.
+
+A run directory holds
+- ``config.json``: RunConfig.to_dict() (sections data / model / prior / train), the profile
+  name, and ``dataset_info`` (data_shape, levels, num_classes, class names and counts, split
+  sizes) so that a model can be rebuilt without loading the data;
+- ``checkpoint.pt`` (last epoch, for resuming) and ``best.pt`` (best validated weights),
+  both written by train.fit;
+- ``history.json`` (History.to_dict()) and ``metrics.json`` (validation and test metrics).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from .data import Splits
+from .metrics import evaluate
+from .model import MixtureFlow, build_model
+from .profiles import RunConfig, apply_overrides
+
+__all__ = [
+    "RunError", "one_line", "CONFIG", "HISTORY", "METRICS", "RESUMABLE", "parse_set", "read_config_file", "config_diff",
+    "dataset_info", "check_same_data", "write_json", "write_config", "read_config", "find_checkpoint", "resolve_device",
+    "load_run_model", "evaluate_seeded", "merge_config",
+]
+
+CONFIG, HISTORY, METRICS = "config.json", "history.json", "metrics.json"
+_META_KEYS = ("profile", "dataset_info", "mixflow_version")  # config.json keys that are not RunConfig sections
+# Fields that may change when a run is resumed: they say how long and where, not what is trained.
+RESUMABLE = frozenset({
+    "train.epochs", "train.max_minutes", "train.device", "train.threads", "train.progress",
+    "train.eval_batch_size", "data.root", "data.download",
+})
+
+
+class RunError(ValueError):
+    """Bad command-line input or an unusable run directory; the message says what to do."""
+
+
+def one_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
+
+
+# -- configuration ---------------------------------------------------------------------------
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """["train.lr=3e-4", "model.hidden=[64,64]", "data.root=/d"] -> dotted overrides; values as JSON, else str."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, eq, raw = item.partition("=")
+        if not eq or "." not in key:
+            raise RunError(f"--set expects section.field=value (e.g. train.lr=3e-4), got {item!r}")
+        try:
+            out[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key.strip()] = raw
+    return out
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Dotted overrides from a .json / .yaml file of {section: {field: value}} (a run's config.json works too)."""
+    path = Path(path)
+    if not path.is_file():
+        raise RunError(f"config file {path} does not exist")
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            try:
+                import yaml
+            except ImportError:
+                raise RunError(f"reading {path} needs PyYAML: `pip install pyyaml` "
+                               "(or write the config as .json)") from None
+            content = yaml.safe_load(path.read_text())
+        elif path.suffix == ".json":
+            content = json.loads(path.read_text())
+        else:
+            raise RunError(f"config file {path} must end in .json, .yaml or .yml")
+    except RunError:
+        raise
+    except Exception as err:  # JSON / YAML syntax errors
+        raise RunError(f"config file {path} could not be parsed: {one_line(err)}") from err
+    if content is None:
+        return {}
+    if not isinstance(content, dict):
+        raise RunError(f"config file {path} must hold a mapping of sections (data, model, prior, train)")
+    out: dict[str, Any] = {}
+    for section, fields in content.items():
+        if section in _META_KEYS:
+            continue
+        if "." in section:  # already dotted: {"train.lr": 1e-3}
+            out[section] = fields
+        elif isinstance(fields, dict):
+            out.update({f"{section}.{name}": value for name, value in fields.items()})
+        else:
+            raise RunError(f"config file {path}: section {section!r} must map field names to values")
+    return out
+
+
+def _flat(cfg: RunConfig) -> dict[str, Any]:
+    return {f"{s}.{k}": v for s, fields in cfg.to_dict().items() for k, v in fields.items()}
+
+
+def config_diff(old: RunConfig, new: RunConfig) -> dict[str, tuple[Any, Any]]:
+    """{dotted field: (old, new)} for every field that differs."""
+    a, b = _flat(old), _flat(new)
+    return {k: (a[k], b[k]) for k in a if a[k] != b[k]}
+
+
+# -- the run directory -------------------------------------------------------------------------
+def dataset_info(data: Splits) -> dict[str, Any]:
+    """What build_model and the plots need to know about the data, JSON-ready."""
+    return {
+        "data_shape": list(data.data_shape), "levels": data.levels, "num_classes": data.num_classes,
+        "class_names": list(data.class_names), "class_counts": data.class_counts().tolist(),
+        "n_train": len(data.train), "n_val": len(data.val), "n_test": len(data.test),
+    }
+
+
+def check_same_data(saved: dict[str, Any], now: dict[str, Any], run_dir: Path) -> None:
+    """The data loaded now must look like the data the run was trained on."""
+    keys = ("data_shape", "levels", "num_classes", "n_train", "n_val", "n_test")
+    differ = [f"{k} {saved.get(k)} -> {now[k]}" for k in keys if saved.get(k) != now[k]]
+    if differ:
+        raise RunError(f"the data loaded now differ from those of {run_dir / CONFIG}: {', '.join(differ)}")
+
+
+# Lists of numbers go on one line (confusion matrices); JSON strings hold no raw newline, so they never match.
+_NUMBER_LIST = re.compile(r"\[\n\s*([-+0-9.eE,\s]+?)\n\s*\]")
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write atomically (temp file + os.replace), so a crash never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    text = json.dumps(obj, indent=2)
+    text = _NUMBER_LIST.sub(lambda m: "[" + ", ".join(v.strip() for v in m.group(1).split(",")) + "]", text)
+    tmp.write_text(text + "\n")
+    os.replace(tmp, path)
+
+
+def write_config(run_dir: Path, cfg: RunConfig, profile: str, info: dict[str, Any]) -> None:
+    from . import __version__
+
+    content = {"profile": profile, **cfg.to_dict(), "dataset_info": info, "mixflow_version": __version__}
+    write_json(run_dir / CONFIG, content)
+
+
+def read_config(run_dir: Path) -> tuple[RunConfig, str, dict[str, Any]]:
+    """(RunConfig, profile name, dataset_info) of a run directory."""
+    path = Path(run_dir) / CONFIG
+    if not Path(run_dir).is_dir():
+        raise RunError(f"run directory {run_dir} does not exist")
+    if not path.is_file():
+        raise RunError(f"{path} does not exist; is {run_dir} a run directory written by `mixflow train`?")
+    try:
+        saved = json.loads(path.read_text())
+        cfg = RunConfig.from_dict({k: v for k, v in saved.items() if k not in _META_KEYS})
+        return cfg, saved.get("profile", "custom"), saved["dataset_info"]
+    except Exception as err:
+        raise RunError(f"{path} is not a valid run configuration: {one_line(err)}") from err
+
+
+def find_checkpoint(run_dir: Path) -> Path:
+    """best.pt (best validated weights) if present, else checkpoint.pt (last epoch)."""
+    for name in ("best.pt", "checkpoint.pt"):
+        if (Path(run_dir) / name).is_file():
+            return Path(run_dir) / name
+    raise RunError(f"no best.pt or checkpoint.pt in {run_dir}; train it first (or resume with `train --resume`)")
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> cuda if available else cpu; checks that a requested GPU exists."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise RunError(f"unknown device {name!r}: use cpu, cuda, cuda:N or auto") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RunError(f"device {name!r} requested but CUDA is not available here; pass --device cpu")
+    return device
+
+
+def load_run_model(run_dir: Path, device: str | None = None) -> tuple[MixtureFlow, RunConfig, dict[str, Any], Path]:
+    """(model in eval mode with the run's best weights, config, dataset_info, checkpoint path).
+
+    `device` None uses the run's own train.device.
+    """
+    from .train import load_checkpoint
+
+    cfg, _, info = read_config(run_dir)
+    device = resolve_device(device or cfg.train.device)
+    path = find_checkpoint(run_dir)
+    ckpt = load_checkpoint(path, device)  # CheckpointError (a ValueError) if unreadable
+    model = build_model(tuple(info["data_shape"]), info["num_classes"], info["levels"], cfg.model, cfg.prior)
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise RunError(f"checkpoint {path} holds no model weights")
+    try:
+        model.load_state_dict(ckpt["model"])
+    except (RuntimeError, TypeError, ValueError) as err:
+        raise RunError(f"checkpoint {path} does not match the model of {run_dir / CONFIG}: {one_line(err)}") from err
+    return model.to(device).eval(), cfg, info, path
+
+
+def evaluate_seeded(
+    model: MixtureFlow, data: Dataset, seed: int, batch_size: int, device: torch.device
+) -> dict[str, Any]:
+    """metrics.evaluate with the global RNG (dequantisation noise, Hutchinson probes) seeded, then restored.
+
+    The same seed gives the same numbers for the same weights and device, so `mixflow evaluate`
+    reproduces the metrics.json that `mixflow train` wrote.
+    """
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        return evaluate(model, data, batch_size, device)
+
+
+def merge_config(base: RunConfig, overrides: dict[str, Any]) -> RunConfig:
+    """apply_overrides with its ValueError turned into a one-line RunError."""
+    try:
+        return apply_overrides(base, overrides)
+    except (ValueError, TypeError) as err:
+        raise RunError(one_line(err)) from err
