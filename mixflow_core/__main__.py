@@ -1,4 +1,4 @@
-"""Command line: ``python -m mixflow_core`` (or ``mixflow``) train | evaluate | sample.
+"""Command line: ``python -m mixflow_core`` (or ``mixflow``) train | evaluate | sample | ablate.
 
 Results go to stdout; progress goes through logging (-v info, -vv debug with tracebacks).
 Bad input exits with status 2 and one line on stderr. Run directories: see runs.py.
@@ -15,10 +15,11 @@ from pathlib import Path
 
 import torch
 
+from .ablation import ablate, markdown_table
 from .data import load_data
 from .model import build_model
 from .plotting import fig_sample_grid, fig_samples_2d
-from .profiles import DATASETS, PROFILES, get_profile
+from .profiles import DATASETS, PROFILES, apply_overrides, get_profile
 from .runs import (
     CONFIG, HISTORY, METRICS, RESUMABLE, RunError, check_same_data, config_diff, dataset_info, evaluate_seeded,
     find_checkpoint, load_run_model, merge_config, one_line, parse_set, read_config, read_config_file,
@@ -33,6 +34,7 @@ EXAMPLES = """examples:
   mixflow train --run-dir runs/digits-smoke-seed0 --resume --set train.epochs=20
   mixflow evaluate runs/digits-smoke-seed0 --split val
   mixflow sample runs/digits-smoke-seed0 --classes 0 1 2 --n 8 --temperature 0.7 --out grid.png
+  mixflow ablate --dataset digits --epochs 30 --seeds 0 1
 """
 
 
@@ -47,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="-v: log progress; -vv: debug, with tracebacks")
     p = _Parser(prog="mixflow", description="Mixture flows: i-ResNet flows with a class-conditional Gaussian prior "
                 "that generate and classify.", epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True, metavar="{train,evaluate,sample}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{train,evaluate,sample,ablate}")
 
     t = sub.add_parser("train", parents=[common], help="train a model into a run directory",
                        description="Train a model. Config precedence: "
@@ -90,6 +92,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="seed of the sampling torch.Generator (default 0)")
     s.add_argument("--out", type=Path, help="image file (default: RUN_DIR/samples.png)")
     s.add_argument("--device", help="default: the run's train.device")
+
+    a = sub.add_parser("ablate", parents=[common], help="the student's seed configuration, then one factor at a time",
+                       description="Train the seed configuration (the original student model's choices), one variant "
+                       "per factor changed toward the fix, and the dataset profile itself, with the same seeds and "
+                       "budget; write OUT/ablation.json and OUT/ablation.md. Rerunning skips finished rows.")
+    a.add_argument("--dataset", choices=DATASETS, required=True)
+    a.add_argument("--profile", choices=PROFILES, default="default", help="architecture and data (default: default)")
+    a.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds, each run for every variant (default 0)")
+    a.add_argument("--epochs", type=int, default=30, help="epochs per run, no early stopping (default 30)")
+    a.add_argument("--max-minutes", type=float, help="wall-clock budget per run")
+    a.add_argument("--set", nargs="+", action="extend", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="override fields of the base profile (as for train)")
+    a.add_argument("--only", nargs="+", metavar="VARIANT", help="run only these variants (names as in the table)")
+    a.add_argument("--data-root", help="directory with the dataset files (sets data.root)")
+    a.add_argument("--out", type=Path, help="output directory (default: runs/ablation-<dataset>-<profile>)")
     return p
 
 
@@ -209,6 +226,21 @@ def _sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ablate(args: argparse.Namespace) -> int:
+    overrides = parse_set(args.set)
+    if args.data_root is not None:
+        overrides["data.root"] = args.data_root
+    base = apply_overrides(get_profile(args.dataset, args.profile), overrides)
+    if args.epochs < 1:
+        raise RunError(f"--epochs must be >= 1, got {args.epochs}")
+    out = args.out or Path("runs") / f"ablation-{args.dataset}-{args.profile}"
+    rows = ablate(base, out, tuple(args.seeds), args.epochs, args.max_minutes,
+                  tuple(args.only) if args.only else None)
+    print(markdown_table(rows))
+    print(f"wrote {out / 'ablation.json'} and {out / 'ablation.md'}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `mixflow` / `python -m mixflow_core`.
 
@@ -219,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("mixflow_core").setLevel((logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)])
     try:
-        return {"train": _train, "evaluate": _evaluate, "sample": _sample}[args.command](args)
+        commands = {"train": _train, "evaluate": _evaluate, "sample": _sample, "ablate": _ablate}
+        return commands[args.command](args)
     except NonFiniteLossError as err:  # training diverged: not bad input, but no traceback either
         _fail(err, 1)
     except (ValueError, OSError) as err:  # RunError, CheckpointError, DatasetNotFoundError, config validation

@@ -29,7 +29,7 @@ class ModelConfig:
     neumann_gradient: bool = False  # memory-saving Neumann-series gradient for series estimators
     eval_logdet: Literal["same", "power_series", "russian_roulette", "exact"] = "same"  # in eval mode
     eval_n_terms: int = 10  # series terms when eval_logdet is a series estimator
-    inverse_tol: float = 1e-6  # fixed-point inverse stops when max |x_{k+1} - x_k| < tol
+    inverse_tol: float = 1e-6  # fixed-point inverse stops when max |x_{k+1} - x_k| < tol * max(1, max |z|)
     inverse_max_iter: int = 100  # ... or after this many iterations (then warns)
     alpha: float = 0.05  # logit preprocessing: s = alpha + (1 - 2 alpha) * y
     dequantize: bool = True  # uniform dequantisation noise; False uses the bin midpoint

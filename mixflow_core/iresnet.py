@@ -41,14 +41,19 @@ class FixedPointInfo:
 
 @torch.no_grad()
 def fixed_point_inverse(g: nn.Module, z: Tensor, tol: float, max_iter: int) -> tuple[Tensor, FixedPointInfo]:
-    """Solve x + g(x) = z by x_{k+1} = z - g(x_k), x_0 = z; linear convergence at rate Lip(g)."""
+    """Solve x + g(x) = z by x_{k+1} = z - g(x_k), x_0 = z; linear convergence at rate Lip(g).
+
+    Converged when max |x_{k+1} - x_k| < tol * max(1, max |z|): absolute for data of unit scale,
+    relative for large latents, where float precision rules out an absolute 1e-6.
+    """
     x = z.clone()
     change = float("inf")
+    threshold = tol * max(1.0, float(z.abs().max())) if z.numel() else tol
     for it in range(1, max_iter + 1):
         x_next = z - g(x)
         change = float((x_next - x).abs().max()) if x.numel() else 0.0
         x = x_next
-        if change < tol:
+        if change < threshold:
             return x, FixedPointInfo(it, change, True)
         if not torch.isfinite(x).all():
             break

@@ -63,7 +63,7 @@ class ActNorm(Flow):
 
     log|det| = -sum_c log_s_c * (number of positions per channel). On the first forward in
     training mode, b and log_s are set from the batch so that z has zero mean and unit
-    variance per channel (Kingma & Dhariwal 2018).
+    variance per channel (Kingma & Dhariwal 2018); channels constant in that batch keep scale 1.
     """
 
     def __init__(self, num_channels: int, eps: float = 1e-6) -> None:
@@ -79,8 +79,12 @@ class ActNorm(Flow):
     @torch.no_grad()
     def _init_from(self, x: Tensor) -> None:
         per_channel = x.transpose(0, 1).reshape(self.num_channels, -1)  # (C, B * positions)
+        std = per_channel.std(1)
+        # a channel that is constant in the batch (e.g. a border pixel without dequantisation noise) is left
+        # unscaled: dividing by its ~0 std would blow it up by 1/eps
+        std = torch.where(std < 1e-3, torch.ones_like(std), std)
         self.bias.copy_(per_channel.mean(1))
-        self.log_scale.copy_(torch.log(per_channel.std(1) + self.eps))
+        self.log_scale.copy_(torch.log(std))
         self.initialized.fill_(True)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:

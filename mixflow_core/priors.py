@@ -5,6 +5,7 @@ torch.distributions; only trained values are nn.Parameters (fixed ones are buffe
 
 Initialisation schemes (`init`):
 - ``seed``:       mu ~ U[0, 1)^D, log sigma ~ U[0, 1)^D (the original student model)
+(with learn_scales=False every scheme has sigma = 1, i.e. Sigma = I)
 - ``zeros``:      mu = 0, sigma = 1
 - ``separated``:  mu = r * randn(D), sigma = 1 (FlowGMM, Izmailov et al. 2020)
 - ``orthogonal``: mu_k = (s / sqrt 2) q_k with orthonormal q_k, so ||mu_j - mu_k|| = s
@@ -59,6 +60,8 @@ class ClassConditionalGaussian(nn.Module):
         means, log_scales = init_means(cfg.init, num_classes, dim, cfg.radius, cfg.separation, gen)
         dtype = torch.get_default_dtype()
         self._register("means", means.to(dtype), cfg.learn_means)
+        if not cfg.learn_scales:
+            log_scales = torch.zeros_like(log_scales)  # fixed scales mean Sigma = I, whatever the init scheme
         self._register("log_scales", log_scales.to(dtype), cfg.learn_scales)
         self.register_buffer("log_class_probs", self._log_class_probs(class_counts).to(dtype))
 
@@ -113,10 +116,13 @@ class ClassConditionalGaussian(nn.Module):
 
     # -- geometry ---------------------------------------------------------------------
     def mean_distances(self) -> Tensor:
-        """Pairwise ||mu_j - mu_k|| / sigma_bar, sigma_bar = mean of the two classes' mean sigma: (K, K)."""
-        sigma = torch.exp(self.log_scales).mean(1)  # (K,)
-        scale = 0.5 * (sigma[:, None] + sigma[None, :])
-        return torch.cdist(self.means, self.means) / scale
+        """(K, K) distances between class means in sigma units: Mahalanobis under the pair's average covariance.
+
+        d_jk = sqrt(sum_i (mu_ji - mu_ki)^2 / ((sigma_ji^2 + sigma_ki^2) / 2)); with Sigma = I it is ||mu_j - mu_k||.
+        """
+        var = torch.exp(2 * self.log_scales)  # (K, D)
+        avg = 0.5 * (var[:, None, :] + var[None, :, :])  # (K, K, D)
+        return torch.sqrt(((self.means[:, None, :] - self.means[None, :, :]) ** 2 / avg).sum(-1))
 
     # -- validation -------------------------------------------------------------------
     def check_labels(self, y: Tensor, batch: int | None) -> Tensor:

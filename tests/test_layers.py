@@ -258,3 +258,24 @@ def test_every_parameter_gets_a_gradient(shape, cfg):
     for name, p in model.named_parameters():
         assert p.grad is not None, name
         assert torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+
+
+def test_actnorm_leaves_constant_channels_unscaled():
+    """A channel constant in the init batch (std 0) keeps scale 1 instead of being blown up by 1/eps."""
+    layer = ActNorm(3)
+    x = torch.randn(64, 3)
+    x[:, 1] = 2.5  # constant channel
+    layer.train()
+    z, logdet = layer(x)
+    assert float(layer.log_scale.detach()[1]) == 0.0 and torch.allclose(z[:, 1], torch.zeros(64))
+    assert torch.isfinite(logdet).all() and float(logdet[0]) == pytest.approx(-float(layer.log_scale.detach().sum()))
+
+
+def test_fixed_point_tolerance_is_relative_for_large_latents():
+    """|z| ~ 1e6 in float32: an absolute 1e-6 is below float resolution, the relative criterion converges."""
+    torch.manual_seed(0)
+    g = nn.Sequential(SpectralLinear(4, 4, coeff=0.5)).eval().float()
+    z = torch.randn(3, 4, dtype=torch.float32) * 1e6
+    x, info = fixed_point_inverse(g, z, tol=1e-6, max_iter=200)
+    assert info.converged and info.iterations < 200
+    assert float((x + g(x) - z).abs().max()) <= 1e-5 * float(z.abs().max())

@@ -111,9 +111,11 @@ def test_sample_rejects_negative_temperature():
 @pytest.mark.parametrize("learn", [True, False])
 def test_seed_init_unit_interval(learn):
     prior = make_prior(k=5, d=8, init="seed", learn_means=learn, learn_scales=learn)
-    for t in (prior.means, prior.log_scales):
+    for t in (prior.means, prior.log_scales) if learn else (prior.means,):
         assert t.min() >= 0 and t.max() < 1
         assert t.std() > 0.1  # really random, not constant
+    if not learn:
+        assert torch.equal(prior.log_scales, torch.zeros(5, 8))  # fixed scales: Sigma = I
     assert isinstance(prior.means, nn.Parameter) is learn
     assert isinstance(prior.log_scales, nn.Parameter) is learn
     assert prior.means.requires_grad is learn and prior.log_scales.requires_grad is learn
@@ -256,14 +258,16 @@ def test_mean_distances_unit_sigma_is_cdist():
     np.testing.assert_allclose(dist.numpy(), want, rtol=0, atol=1e-10)
 
 
-def test_mean_distances_scaled_by_average_sigma():
+def test_mean_distances_are_mahalanobis_under_average_covariance():
     prior = make_prior(k=4, d=3, init="seed", learn_scales=True)
     dist = prior.mean_distances().detach()
     assert torch.allclose(dist, dist.t(), rtol=0, atol=1e-12)
     assert torch.all(torch.diagonal(dist) == 0)
-    s = sigmas(prior).mean(1)
-    mu = prior.means.detach()
+    s = sigmas(prior).numpy()
+    mu = prior.means.detach().numpy()
     for j in range(4):
         for k in range(4):
-            want = float(torch.linalg.norm(mu[j] - mu[k])) / (0.5 * float(s[j] + s[k]))
+            cov = np.diag((s[j] ** 2 + s[k] ** 2) / 2)
+            diff = mu[j] - mu[k]
+            want = float(np.sqrt(diff @ np.linalg.solve(cov, diff)))
             assert float(dist[j, k]) == pytest.approx(want, abs=1e-12)

@@ -1,0 +1,102 @@
+"""Class overlap in latent space: where the data land, and how far apart the class Gaussians are.
+
+For two diagonal Gaussians N(mu_1, S_1), N(mu_2, S_2) with S = (S_1 + S_2) / 2:
+- distance in sigma units (ClassConditionalGaussian.mean_distances, Mahalanobis under the
+  average covariance): d = sqrt((mu_1 - mu_2)^T S^{-1} (mu_1 - mu_2));
+- Bhattacharyya distance D_B = d^2 / 8 + 1/2 ln(det S / sqrt(det S_1 det S_2)), and the
+  Bhattacharyya coefficient BC = exp(-D_B) in (0, 1], an overlap measure (1 = identical) that
+  upper-bounds twice the Bayes error of the pair: P(error) <= BC / 2 for equal priors.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from .model import MixtureFlow
+from .priors import ClassConditionalGaussian
+
+__all__ = ["latents", "bhattacharyya", "nearer_other_fraction", "overlap_summary", "embed"]
+
+
+@torch.no_grad()
+def latents(model: MixtureFlow, data: Dataset, batch_size: int = 500, device: str | torch.device = "cpu") -> tuple[Tensor, Tensor]:
+    """Flattened latents z = f(h(x)) (N, D) and labels (N,), eval mode, on the CPU."""
+    was_training = model.training
+    model.eval()
+    zs, ys = [], []
+    for x, y in DataLoader(data, batch_size=batch_size, shuffle=False):
+        z, _ = model.encode(x.to(device))
+        zs.append(z.cpu())
+        ys.append(y)
+    model.train(was_training)
+    return torch.cat(zs), torch.cat(ys)
+
+
+def _variances(prior: ClassConditionalGaussian) -> tuple[Tensor, Tensor]:
+    means = prior.means.detach().double().cpu()
+    return means, torch.exp(2 * prior.log_scales.detach().double().cpu())  # (K, D) each
+
+
+def bhattacharyya(prior: ClassConditionalGaussian) -> Tensor:
+    """(K, K) Bhattacharyya coefficients exp(-D_B) between the class Gaussians (diagonal 1)."""
+    _, var = _variances(prior)
+    avg = 0.5 * (var[:, None, :] + var[None, :, :])
+    log_det = torch.log(var).sum(-1)  # (K,)
+    log_det_term = 0.5 * (torch.log(avg).sum(-1) - 0.5 * (log_det[:, None] + log_det[None, :]))
+    d_b = prior.mean_distances().detach().double().cpu() ** 2 / 8 + log_det_term
+    return torch.exp(-d_b)
+
+
+def nearer_other_fraction(z: Tensor, y: Tensor, prior: ClassConditionalGaussian) -> float:
+    """Fraction of latents whose nearest class mean (in that class's sigma units) is not their own class's."""
+    means, var = _variances(prior)
+    d2 = (((z.double()[:, None, :] - means[None]) ** 2) / var[None]).sum(-1)  # (N, K)
+    return float((d2.argmin(1) != y).double().mean())
+
+
+def _off_diagonal(m: Tensor) -> Tensor:
+    k = m.shape[0]
+    return m[~torch.eye(k, dtype=torch.bool)]
+
+
+def overlap_summary(model: MixtureFlow, data: Dataset, batch_size: int = 500) -> dict[str, float]:
+    """The study's overlap numbers for a trained model on a dataset (JSON-ready)."""
+    device = model.prior.means.device
+    z, y = latents(model, data, batch_size, device)
+    dist = _off_diagonal(model.prior.mean_distances().detach().double().cpu())
+    bc = _off_diagonal(bhattacharyya(model.prior))
+    return {
+        "mean_dist_min_sigma": float(dist.min()),
+        "mean_dist_median_sigma": float(dist.median()),
+        "bhattacharyya_mean": float(bc.mean()),
+        "bhattacharyya_max": float(bc.max()),
+        "nearer_other_fraction": nearer_other_fraction(z, y, model.prior),
+        "latent_norm_mean": float(z.double().norm(dim=1).mean() / math.sqrt(z.shape[1])),  # per-dim RMS
+    }
+
+
+def embed(z: Tensor | np.ndarray, method: str = "pca", seed: int = 0, extra: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """2-D embedding of latents by PCA, or t-SNE after PCA to <= 50 dims.
+
+    `extra` points (e.g. class means) are embedded with the same PCA; t-SNE has no
+    out-of-sample map, so for t-SNE they are placed at the centroid of their class's points
+    by the caller (returned None here).
+    """
+    from sklearn.decomposition import PCA
+
+    z = np.asarray(z, dtype=np.float64)
+    if method == "pca":
+        pca = PCA(n_components=2, random_state=seed).fit(z)
+        return pca.transform(z), None if extra is None else pca.transform(np.asarray(extra, dtype=np.float64))
+    if method == "tsne":
+        from sklearn.manifold import TSNE
+
+        reduced = PCA(n_components=min(50, z.shape[1], len(z)), random_state=seed).fit_transform(z)
+        perplexity = min(30.0, max(2.0, (len(z) - 1) / 3))
+        return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(reduced), None
+    raise ValueError(f"Unknown embedding {method!r}; use pca or tsne")
