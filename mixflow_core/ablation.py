@@ -143,7 +143,7 @@ def ablate(
     return rows
 
 
-_COLUMNS = [("accuracy", "test acc", ".3f"), ("bpd_conditional", "bpd", ".3f"), ("ece", "ECE", ".3f"),
+_COLUMNS = [("accuracy", "test acc", ".3f"), ("bpd_conditional", "bpd", ".4g"), ("ece", "ECE", ".3f"),
             ("mean_dist_min_sigma", "min dist (sigma)", ".2f"), ("mean_dist_median_sigma", "median dist (sigma)", ".2f"),
             ("bhattacharyya_mean", "mean BC", ".3f"), ("nearer_other_fraction", "nearer other", ".3f"),
             ("seconds", "train s", ".0f")]
