@@ -1,0 +1,192 @@
+"""Training-step throughput on digits: mixflow's MixtureFlow vs normflows' Residual flow (same architecture).
+
+Both models: dequantisation + logit(alpha 0.05) of 64-D digits (outside normflows, inline ops),
+10 x [ActNorm, residual block x + g(x)], g a 64-128-128-64 MLP of spectrally normalised linear
+layers (coeff 0.9) with LipSwish, a class-conditional diagonal Gaussian prior, loss = mean
+-log p(x|y), Adam(lr 1e-3), batch 64, float32, same torch thread count. One step = forward,
+loss, zero_grad, backward, optimizer step (+ normflows' explicit power-iteration update).
+
+Mapping of normflows settings (normflows 1.7.3, nf.flows.Residual / nf.nets.LipschitzMLP):
+- log-det: `n_power_series=5` = our PowerSeries(n_terms=5) (truncated, coefficients 1, no
+  Russian roulette), `exact_trace=False` (Hutchinson, one Gaussian probe as ours),
+  `brute_force=False` (only applies to 2-D); `n_exact_terms` is unused when n_power_series is set.
+- gradient: `reduce_memory=False` -> basic estimator, backprop through the 5 VJPs (create_graph)
+  = ours with neumann_gradient=False (default). `reduce_memory=True` -> Neumann-series gradient
+  computed inside forward (memory-saving) ~ ours with neumann_gradient=True; both are timed.
+- spectral norm: normflows' forward does *no* power iteration (compute_weight(update=False));
+  the user calls nf.utils.update_lipschitz(model, n) after each step; we call it with n = 1
+  (`--nf-power-iterations`). Ours: n_power_iterations=1 plus iterations to rtol 1e-4 (default)
+  or exactly 1 (power_rtol=None).
+- architecture differences we cannot remove: normflows' LipschitzMLP puts its (learnable-beta)
+  Swish before every linear layer (3 activations: act-lin-act-lin-act-lin) and zero-inits the
+  last layer; ours is lin-act-lin-act-lin with a fixed LipSwish. ActNorm: nf.flows.ActNorm((64,)).
+  Prior: nf.distributions.ClassCondDiagGaussian(64, 10) in nf.ClassCondFlow.forward_kld.
+
+Timing: every variant runs `--steps` steps per round, variants interleaved, `--rounds` rounds;
+samples/s from the median round. `--profile` adds a cProfile / torch.profiler breakdown of ours.
+
+    .venv/bin/python benchmarks/throughput_normflows.py [--rounds 7] [--steps 20] [--threads 1] [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import header, loadavg, table  # noqa: E402
+
+from mixflow_core import ModelConfig, PriorConfig, build_model  # noqa: E402
+from mixflow_core.data import DataConfig, load_data  # noqa: E402
+from mixflow_core.objectives import likelihood  # noqa: E402
+
+ALPHA, LEVELS = 0.05, 17
+
+
+def ours(power_rtol: float | None, neumann: bool, class_counts: torch.Tensor):
+    cfg = ModelConfig(arch="mlp", hidden=(128, 128), n_blocks=10, coeff=0.9, n_terms=5, n_probes=1,
+                      power_rtol=power_rtol, neumann_gradient=neumann)
+    model = build_model((64,), 10, LEVELS, cfg, PriorConfig(init="separated"), class_counts)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> float:
+        model.train()
+        loss = likelihood(model.log_prob_all(x), y, model.prior.log_class_probs, model.dim)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return float(loss.detach())
+
+    return model, step
+
+
+def theirs(nf, reduce_memory: bool, power_iterations: int):
+    flows = []
+    for _ in range(10):
+        net = nf.nets.LipschitzMLP([64, 128, 128, 64], lipschitz_const=0.9, max_lipschitz_iter=power_iterations,
+                                   init_zeros=True)
+        flows += [nf.flows.Residual(net, reduce_memory=reduce_memory, n_power_series=5, exact_trace=False,
+                                    brute_force=False, n_samples=1), nf.flows.ActNorm((64,))]
+    model = nf.ClassCondFlow(nf.distributions.ClassCondDiagGaussian(64, 10), flows)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> float:
+        model.train()
+        h, logdet_pre = preprocess(x)
+        loss = (model.forward_kld(h, y) - logdet_pre.mean()) / 64  # same per-dimension scaling as ours
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        nf.utils.update_lipschitz(model, power_iterations)
+        return float(loss.detach())
+
+    return model, step
+
+
+def preprocess(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same dequantisation + logit as mixflow's LogitPreprocess."""
+    x = x.float()
+    s = ALPHA + (1 - 2 * ALPHA) * (x + torch.rand_like(x)) / LEVELS
+    h = torch.log(s) - torch.log1p(-s)
+    logdet = (math.log(1 - 2 * ALPHA) - torch.log(s) - torch.log1p(-s)).sum(1) - 64 * math.log(LEVELS)
+    return h, logdet
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--steps", type=int, default=20, help="training steps per variant per round")
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--nf-power-iterations", type=int, default=1)
+    ap.add_argument("--profile", action="store_true", help="also profile our default step (cProfile + torch.profiler)")
+    args = ap.parse_args()
+    try:
+        import normflows as nf
+    except ImportError:
+        print("normflows is not installed; `.venv/bin/pip install normflows` to run this benchmark. Skipping.")
+        return
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    print(header(args.threads))
+    print(f"normflows {nf.__version__}, batch {args.batch_size}, "
+          f"{args.rounds} rounds x {args.steps} steps per variant, "
+          f"interleaved\n")
+    data = load_data(DataConfig("digits", seed=0))
+    x_all, y_all = data.train.tensors
+    variants = {
+        "mixflow default (power_rtol=1e-4)": ours(1e-4, False, data.class_counts()),
+        "mixflow power_rtol=None (1 power it.)": ours(None, False, data.class_counts()),
+        "normflows reduce_memory=False": theirs(nf, False, args.nf_power_iterations),
+        "mixflow power_rtol=None + neumann_gradient": ours(None, True, data.class_counts()),
+        "normflows reduce_memory=True (Neumann grad.)": theirs(nf, True, args.nf_power_iterations),
+    }
+    n_params = {k: sum(p.numel() for p in m.parameters() if p.requires_grad) for k, (m, _) in variants.items()}
+    gen = torch.Generator().manual_seed(0)
+
+    def batch():
+        idx = torch.randint(len(y_all), (args.batch_size,), generator=gen)
+        return x_all[idx], y_all[idx]
+
+    for _, step in variants.values():
+        for _ in range(args.warmup):
+            step(*batch())
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    loads = []
+    for _ in range(args.rounds):
+        loads.append(loadavg())
+        for name, (_, step) in variants.items():
+            batches = [batch() for _ in range(args.steps)]
+            t0 = time.perf_counter()
+            for xb, yb in batches:
+                step(xb, yb)
+            times[name].append(time.perf_counter() - t0)
+    ref = statistics.median(times["normflows reduce_memory=False"])
+    ref_neu = statistics.median(times["normflows reduce_memory=True (Neumann grad.)"])
+    rows = []
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        base = ref_neu if "neumann" in name.lower() or "Neumann" in name else ref
+        rows.append({
+            "variant": name, "params": n_params[name], "ms/step (median)": 1000 * med / args.steps,
+            "ms/step (min)": 1000 * min(ts) / args.steps, "samples/s": args.batch_size * args.steps / med,
+            "speed vs normflows (same gradient)": base / med,
+        })
+    print(table(rows))
+    print(f"\nload average (1 min) during rounds: min {min(loads):.2f}, max {max(loads):.2f}")
+    if args.profile:
+        profile_ours(variants["mixflow default (power_rtol=1e-4)"][1], batch, args.steps)
+
+
+def profile_ours(step, batch, steps: int) -> None:
+    import cProfile
+    import io
+    import pstats
+
+    batches = [batch() for _ in range(steps)]
+    prof = cProfile.Profile()
+    prof.enable()
+    for xb, yb in batches:
+        step(xb, yb)
+    prof.disable()
+    s = io.StringIO()
+    pstats.Stats(prof, stream=s).sort_stats("cumulative").print_stats(25)
+    print("\n### cProfile of mixflow default, cumulative\n\n```\n" + s.getvalue()[-6000:] + "\n```")
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as p:
+        for xb, yb in batches:
+            step(xb, yb)
+    print("\n### torch.profiler of mixflow default, by self CPU time\n\n```\n"
+          + p.key_averages().table(sort_by="self_cpu_time_total", row_limit=20) + "\n```")
+
+
+if __name__ == "__main__":
+    main()
