@@ -36,6 +36,7 @@ from mixflow_core.data import DataConfig, load_data  # noqa: E402
 from mixflow_core.metrics import evaluate  # noqa: E402
 from mixflow_core.model import build_model  # noqa: E402
 from mixflow_core.profiles import apply_overrides, get_profile  # noqa: E402
+from mixflow_core.runs import parse_set  # noqa: E402
 
 
 # -- Gaussian baseline in logit space ----------------------------------------------------------------
@@ -168,17 +169,6 @@ def train_flow(cfg, data, seed: int, eval_logdet: str) -> dict:
         "train_wall_s": wall, "train_cpu_s": cpu, "eval_test_s": eval_s, "load_1min": load0,
         "max_layer_sigma": max_sigma, "max_inverse_error": max(history.column("inverse_error")),
     }
-
-
-def parse_set(items: list[str]) -> dict:
-    out = {}
-    for item in items:
-        key, _, raw = item.partition("=")
-        try:
-            out[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            out[key] = raw
-    return out
 
 
 def main() -> None:

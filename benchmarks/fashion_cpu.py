@@ -33,6 +33,7 @@ from mixflow_core.model import build_model  # noqa: E402
 from mixflow_core.objectives import make_objective  # noqa: E402
 from mixflow_core.profiles import apply_overrides, get_profile  # noqa: E402
 from mixflow_core.train import fit  # noqa: E402
+from mixflow_core.runs import parse_set  # noqa: E402
 
 
 def run(cfg, label: str, test_limit: int, seed: int = 0) -> dict:
@@ -86,17 +87,6 @@ def step_speed(cfg, steps: int = 6) -> float:
         loss.backward()
         opt.step()
     return steps * cfg.train.batch_size / (time.perf_counter() - t0)
-
-
-def parse_set(items: list[str]) -> dict:
-    out = {}
-    for item in items:
-        key, _, raw = item.partition("=")
-        try:
-            out[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            out[key] = raw
-    return out
 
 
 def main() -> None:

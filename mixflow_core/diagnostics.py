@@ -15,26 +15,18 @@ import math
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
+from .metrics import over_dataset
 from .model import MixtureFlow
 from .priors import ClassConditionalGaussian
 
 __all__ = ["latents", "bhattacharyya", "nearer_other_fraction", "overlap_summary", "embed"]
 
 
-@torch.no_grad()
 def latents(model: MixtureFlow, data: Dataset, batch_size: int = 500, device: str | torch.device = "cpu") -> tuple[Tensor, Tensor]:
     """Flattened latents z = f(h(x)) (N, D) and labels (N,), eval mode, on the CPU."""
-    was_training = model.training
-    model.eval()
-    zs, ys = [], []
-    for x, y in DataLoader(data, batch_size=batch_size, shuffle=False):
-        z, _ = model.encode(x.to(device))
-        zs.append(z.cpu())
-        ys.append(y)
-    model.train(was_training)
-    return torch.cat(zs), torch.cat(ys)
+    return over_dataset(model, data, lambda x: model.encode(x)[0], batch_size, device)
 
 
 def _variances(prior: ClassConditionalGaussian) -> tuple[Tensor, Tensor]:

@@ -8,6 +8,7 @@ accuracy (Bayes' rule), conditional bits/dim -log2 p(x|y)/D, marginal bits/dim
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -15,20 +16,28 @@ from torch.utils.data import DataLoader, Dataset
 
 from .model import MixtureFlow
 
-__all__ = ["log_likelihood_table", "accuracy", "bits_per_dim", "expected_calibration_error", "confusion_matrix", "evaluate"]
+__all__ = ["over_dataset", "log_likelihood_table", "accuracy", "bits_per_dim", "expected_calibration_error", "confusion_matrix", "evaluate"]
 
 
 @torch.no_grad()
-def log_likelihood_table(model: MixtureFlow, data: Dataset, batch_size: int = 500, device: str | torch.device = "cpu") -> tuple[Tensor, Tensor]:
-    """(log p(x|k) (N, K), labels (N,)) over a dataset, in eval mode."""
+def over_dataset(
+    model: MixtureFlow, data: Dataset, fn: Callable[[Tensor], Tensor], batch_size: int = 500,
+    device: str | torch.device = "cpu",
+) -> tuple[Tensor, Tensor]:
+    """(fn(x) concatenated over the dataset on the CPU, labels (N,)), with the model in eval mode."""
     was_training = model.training
     model.eval()
-    tables, labels = [], []
+    outputs, labels = [], []
     for x, y in DataLoader(data, batch_size=batch_size, shuffle=False):
-        tables.append(model.log_prob_all(x.to(device)).cpu())  # integer levels are cast by the model
+        outputs.append(fn(x.to(device)).cpu())  # integer levels are cast by the model
         labels.append(y)
     model.train(was_training)
-    return torch.cat(tables), torch.cat(labels)
+    return torch.cat(outputs), torch.cat(labels)
+
+
+def log_likelihood_table(model: MixtureFlow, data: Dataset, batch_size: int = 500, device: str | torch.device = "cpu") -> tuple[Tensor, Tensor]:
+    """(log p(x|k) (N, K), labels (N,)) over a dataset, in eval mode."""
+    return over_dataset(model, data, model.log_prob_all, batch_size, device)
 
 
 def accuracy(log_px_all: Tensor, y: Tensor, log_py: Tensor) -> float:
