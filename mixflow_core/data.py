@@ -47,6 +47,7 @@ class DataConfig:
     val_fraction: float = 0.1  # of the training data, stratified
     test_fraction: float = 0.2  # digits / toy2d only (the others have official test sets)
     train_limit: int | None = None  # keep at most this many training examples (stratified), e.g. smoke runs
+    test_limit: int | None = None  # evaluate on at most this many test examples (stratified), for cheap CPU studies
     toy_n: int = 2000  # toy2d: number of points
     toy_noise: float = 0.1  # toy2d: moons noise
 
@@ -91,6 +92,9 @@ def _to_splits(
         # an int count, not 1 - limit / n: sklearn rounds a float test size up, keeping limit - 1
         keep, _ = _stratified_split(y_train, len(y_train) - cfg.train_limit, cfg.seed)
         x_train, y_train = x_train[keep], y_train[keep]
+    if cfg.test_limit is not None and cfg.test_limit < len(y_test):
+        _, keep = _stratified_split(y_test, cfg.test_limit, cfg.seed)
+        x_test, y_test = x_test[keep], y_test[keep]
     fit_idx, val_idx = _stratified_split(y_train, cfg.val_fraction, cfg.seed)
 
     def ds(x: np.ndarray, y: np.ndarray) -> TensorDataset:

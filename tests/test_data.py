@@ -416,3 +416,13 @@ def test_splits_feed_a_model(tmp_path, name):
         out = model.log_prob_all(x)
     assert out.shape == (4, s.num_classes)
     assert torch.isfinite(out).all()
+
+
+def test_test_limit_keeps_a_stratified_subset_of_the_test_split():
+    full = load_data(DataConfig("digits"))
+    small = load_data(DataConfig("digits", test_limit=100))
+    assert len(small.test) == 100 and len(small.train) == len(full.train)
+    counts = torch.bincount(small.test.tensors[1], minlength=10)
+    assert int(counts.min()) >= 9 and int(counts.max()) <= 11  # stratified: ~10 per class
+    full_rows = {(bytes(x.numpy()), int(y)) for x, y in zip(*full.test.tensors)}
+    assert all((bytes(x.numpy()), int(y)) in full_rows for x, y in zip(*small.test.tensors))  # a subset
