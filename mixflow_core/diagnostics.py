@@ -21,7 +21,7 @@ from .metrics import over_dataset
 from .model import MixtureFlow
 from .priors import ClassConditionalGaussian
 
-__all__ = ["latents", "bhattacharyya", "nearer_other_fraction", "overlap_summary", "embed"]
+__all__ = ["latents", "off_diagonal", "bhattacharyya", "nearer_other_fraction", "overlap_summary", "embed"]
 
 
 def latents(model: MixtureFlow, data: Dataset, batch_size: int = 500, device: str | torch.device = "cpu") -> tuple[Tensor, Tensor]:
@@ -51,17 +51,18 @@ def nearer_other_fraction(z: Tensor, y: Tensor, prior: ClassConditionalGaussian)
     return float((d2.argmin(1) != y).double().mean())
 
 
-def _off_diagonal(m: Tensor) -> Tensor:
+def off_diagonal(m: Tensor) -> Tensor:
+    """Entries of a (K, K) matrix off its diagonal, flattened."""
     k = m.shape[0]
-    return m[~torch.eye(k, dtype=torch.bool)]
+    return m[~torch.eye(k, dtype=torch.bool, device=m.device)]
 
 
 def overlap_summary(model: MixtureFlow, data: Dataset, batch_size: int = 500) -> dict[str, float]:
     """The study's overlap numbers for a trained model on a dataset (JSON-ready)."""
     device = model.prior.means.device
     z, y = latents(model, data, batch_size, device)
-    dist = _off_diagonal(model.prior.mean_distances().detach().double().cpu())
-    bc = _off_diagonal(bhattacharyya(model.prior))
+    dist = off_diagonal(model.prior.mean_distances().detach().double().cpu())
+    bc = off_diagonal(bhattacharyya(model.prior))
     return {
         "mean_dist_min_sigma": float(dist.min()),
         "mean_dist_median_sigma": float(dist.median()),

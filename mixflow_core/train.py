@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
 from .data import Splits
+from .diagnostics import off_diagonal
 from .model import MixtureFlow
 from .objectives import make_objective
 
@@ -199,10 +200,8 @@ def _validate(model: MixtureFlow, data: Dataset, cfg: TrainConfig, objective, ct
 
 
 def _mean_distance_stats(model: MixtureFlow) -> dict[str, float]:
-    d = model.prior.mean_distances().detach()
-    k = d.shape[0]
-    off = d[~torch.eye(k, dtype=torch.bool, device=d.device)]
-    return {"mean_dist_min": float(off.min()), "mean_dist_median": float(off.median())} if k > 1 else {}
+    off = off_diagonal(model.prior.mean_distances().detach())
+    return {"mean_dist_min": float(off.min()), "mean_dist_median": float(off.median())} if off.numel() else {}
 
 
 def _improved(cfg: TrainConfig, record: dict[str, float], best: float | None) -> tuple[bool, float | None]:
