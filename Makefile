@@ -4,7 +4,12 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.mixflow-installed
 
-.PHONY: install test bench clean
+# make report [DATASET=digits] [PROFILE=default] [DEVICE=cpu] [ARGS="--retrain ..."]
+DATASET ?= digits
+PROFILE ?= default
+DEVICE  ?= cpu
+
+.PHONY: install test bench report lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,8 +21,15 @@ install: $(STAMP)  ## create .venv and install the package with test extras
 test: $(STAMP)  ## run the test suite (CPU, offline)
 	OMP_NUM_THREADS=1 MPLBACKEND=Agg $(BIN)/python -m pytest
 
+report: $(STAMP)  ## run notebooks/01-04 headlessly: reports/ (executed notebooks), figures/ and the results table
+	OMP_NUM_THREADS=1 MPLBACKEND=Agg $(BIN)/python -m mixflow_core report --dataset $(DATASET) --profile $(PROFILE) \
+		--device $(DEVICE) $(ARGS)
+
+lint: $(STAMP)  ## ruff on the package, tests, benchmarks and notebooks
+	$(BIN)/python -m ruff check mixflow_core tests benchmarks notebooks
+
 bench: $(STAMP)  ## print the log-det estimator benchmark (see benchmarks/RESULTS.md)
 	$(BIN)/python benchmarks/logdet_accuracy.py
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache
+	rm -rf $(VENV) *.egg-info .pytest_cache reports

@@ -1,6 +1,6 @@
 """Digits quality: the mixture flow's test accuracy and bits/dim against baselines on the fixed split.
 
-Baselines (same run, same split load_data(DataConfig("digits", seed=0))):
+Baselines (same run, same split load_data(DataConfig("digits", seed=0))), from mixflow_core.baselines:
 - per-class full-covariance Gaussian in the flow's own logit space: h = logit(a + (1-2a)(x+u)/17),
   u ~ U[0,1)^64, a = 0.05; log p(x|y) = log N(h; mu_y, S_y + r I) + log|dh/dy| - 64 log 17, exactly
   the density the flow's LogitPreprocess assembles, so its bits/dim is comparable. mu, S from
@@ -32,6 +32,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import header, loadavg, table  # noqa: E402
 
+from mixflow_core.baselines import SKLEARN_GRIDS, gaussian_baseline, sklearn_baselines  # noqa: E402
 from mixflow_core.data import DataConfig, load_data  # noqa: E402
 from mixflow_core.metrics import evaluate  # noqa: E402
 from mixflow_core.model import build_model  # noqa: E402
@@ -39,107 +40,26 @@ from mixflow_core.profiles import apply_overrides, get_profile  # noqa: E402
 from mixflow_core.runs import parse_set  # noqa: E402
 
 
-# -- Gaussian baseline in logit space ----------------------------------------------------------------
-def logit_space(x: np.ndarray, levels: int, alpha: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """(h (N, D), log|dh/dx| incl. -D log L (N,)), as mixflow_core.model.LogitPreprocess, float64."""
-    y = (x.astype(np.float64) + rng.random(x.shape)) / levels
-    s = alpha + (1.0 - 2.0 * alpha) * y
-    h = np.log(s) - np.log1p(-s)
-    logdet = (math.log(1.0 - 2.0 * alpha) - np.log(s) - np.log1p(-s)).sum(1) - x.shape[1] * math.log(levels)
-    return h, logdet
+# -- baselines (mixflow_core.baselines), as rows of this benchmark's table -------------------------------
+SKLEARN_METHODS = ("qda", "logistic", "svc")
 
 
-class LogitGaussian:
-    """Per-class N(mu_k, S_k + ridge I) in logit space; p(k) = class frequencies of the fit data."""
-
-    def fit(self, h: np.ndarray, y: np.ndarray, k: int, ridge: float) -> "LogitGaussian":
-        d = h.shape[1]
-        self.means, self.chols, self.logdets = [], [], []
-        for c in range(k):
-            hc = h[y == c]
-            mu = hc.mean(0)
-            cov = np.cov(hc, rowvar=False) + ridge * np.eye(d)
-            chol = np.linalg.cholesky(cov)
-            self.means.append(mu)
-            self.chols.append(chol)
-            self.logdets.append(2.0 * np.log(np.diag(chol)).sum())
-        counts = np.bincount(y, minlength=k)
-        self.log_py = np.log(counts / counts.sum())
-        return self
-
-    def log_prob_all(self, h: np.ndarray) -> np.ndarray:
-        """log N(h; mu_k, Sigma_k) for every class: (N, K)."""
-        d = h.shape[1]
-        out = []
-        for mu, chol, ld in zip(self.means, self.chols, self.logdets):
-            sol = np.linalg.solve(chol, (h - mu).T)  # (D, N)
-            out.append(-0.5 * (sol**2).sum(0) - 0.5 * ld - 0.5 * d * math.log(2 * math.pi))
-        return np.stack(out, 1)
-
-
-def gaussian_metrics(model: LogitGaussian, h: np.ndarray, logdet: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    """(accuracy, conditional bits/dim) of discrete x."""
-    table_ = model.log_prob_all(h) + logdet[:, None]
-    acc = float(((table_ + model.log_py).argmax(1) == y).mean())
-    bpd = float(-table_[np.arange(len(y)), y].mean() / (h.shape[1] * math.log(2.0)))
-    return acc, bpd
-
-
-def gaussian_baseline(data, alpha: float, copies: int, seed: int) -> tuple[list[dict], float]:
-    rng = np.random.default_rng(seed)
-    xtr, ytr = (t.numpy() for t in data.train.tensors)
-    xva, yva = (t.numpy() for t in data.val.tensors)
-    xte, yte = (t.numpy() for t in data.test.tensors)
-    k, levels = data.num_classes, data.levels
-
-    def copies_of(x, y):
-        hs = [logit_space(x, levels, alpha, rng)[0] for _ in range(copies)]
-        return np.concatenate(hs), np.tile(y, copies)
-
-    h_fit, y_fit = copies_of(xtr, ytr)
-    h_va, ld_va = logit_space(xva, levels, alpha, rng)
-    h_te, ld_te = logit_space(xte, levels, alpha, rng)
-    ridges = [1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.2, 0.3, 0.5, 1.0]
-    val = {r: gaussian_metrics(LogitGaussian().fit(h_fit, y_fit, k, r), h_va, ld_va, yva) for r in ridges}
-    best = min(ridges, key=lambda r: val[r][1])  # validation bits/dim
-    rows = []
-    g = LogitGaussian().fit(h_fit, y_fit, k, best)
-    acc, bpd = gaussian_metrics(g, h_te, ld_te, yte)
-    rows.append({"method": f"logit-space full-cov Gaussian per class, train fit (ridge {best} by val bpd)",
-                 "val_acc": val[best][0], "val_bpd": val[best][1], "test_acc": acc, "test_bpd": bpd})
-    h_all, y_all = copies_of(np.concatenate([xtr, xva]), np.concatenate([ytr, yva]))
-    acc, bpd = gaussian_metrics(LogitGaussian().fit(h_all, y_all, k, best), h_te, ld_te, yte)
-    rows.append({"method": f"  same, refit on train+val (ridge {best})", "test_acc": acc, "test_bpd": bpd})
-    return rows, best
-
-
-def sklearn_baselines(data) -> list[dict]:
-    from sklearn.discriminant_analysis import QuadraticDiscriminantAnalysis
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.svm import SVC
-
-    xtr, ytr = data.train.tensors[0].numpy() / 16.0, data.train.tensors[1].numpy()
-    xva, yva = data.val.tensors[0].numpy() / 16.0, data.val.tensors[1].numpy()
-    xte, yte = data.test.tensors[0].numpy() / 16.0, data.test.tensors[1].numpy()
-    # each grid runs from the strongest regularisation to the weakest; ties on validation go to the first
-    grids = {
-        "QDA (reg_param)": (lambda p: QuadraticDiscriminantAnalysis(reg_param=p),
-                            [0.8, 0.5, 0.3, 0.2, 0.1, 0.03, 0.01, 0.001]),
-        "logistic regression (C)": (lambda p: LogisticRegression(C=p, max_iter=5000), [0.01, 0.1, 1.0, 10.0, 100.0]),
-        "RBF-SVC (C, gamma)": (lambda p: SVC(C=p[0], gamma=p[1]),
-                               [(c, g) for c in (1.0, 10.0, 100.0) for g in (0.01, 0.03, "scale", 0.1)]),
-    }
-    rows = []
-    import warnings
-
-    for name, (make, grid) in grids.items():
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # QDA's collinearity warning at small reg_param
-            scores = [make(p).fit(xtr, ytr).score(xva, yva) for p in grid]
-            i = int(np.argmax(scores))  # first maximum
-            test = make(grid[i]).fit(xtr, ytr).score(xte, yte)
-        rows.append({"method": f"{name} = {grid[i]} by val acc (grid {grid}: val acc {[round(s, 3) for s in scores]})",
-                     "val_acc": scores[i], "test_acc": test})
+def baseline_rows(data, alpha: float, copies: int, seed: int = 0) -> list[dict]:
+    """The Gaussian fitted on train and refitted on train+val, then QDA / logistic regression / RBF-SVC."""
+    g = gaussian_baseline(data, alpha, copies, seed)
+    refit = gaussian_baseline(data, alpha, copies, seed, refit_on_val=True)  # same draws, then train+val copies
+    rows = [
+        {"method": f"logit-space full-cov Gaussian per class, train fit (ridge {g['ridge']} by val bpd)",
+         "val_acc": g["val_accuracy"], "val_bpd": g["val_bpd_conditional"],
+         "test_acc": g["accuracy"], "test_bpd": g["bpd_conditional"]},
+        {"method": f"  same, refit on train+val (ridge {refit['ridge']})",
+         "test_acc": refit["accuracy"], "test_bpd": refit["bpd_conditional"]},
+    ]
+    for method, r in zip(SKLEARN_METHODS, sklearn_baselines(data, seed, methods=SKLEARN_METHODS)):
+        grid = list(SKLEARN_GRIDS[method])
+        scores = [round(s, 3) for s in r["val_grid_accuracy"]]
+        rows.append({"method": f"{r['method']} = {r['param']} by val acc (grid {grid}: val acc {scores})",
+                     "val_acc": r["val_accuracy"], "test_acc": r["accuracy"]})
     return rows
 
 
@@ -192,8 +112,7 @@ def main() -> None:
           f"{math.log2(data.levels):.3f} bits/dim\n")
     out: dict = {}
     if not args.skip_baselines:
-        rows, _ = gaussian_baseline(data, cfg.model.alpha, args.gauss_copies, seed=0)
-        rows += sklearn_baselines(data)
+        rows = baseline_rows(data, cfg.model.alpha, args.gauss_copies)
         out["baselines"] = rows
         print("### Baselines\n")
         print(table(rows, ["method", "val_acc", "val_bpd", "test_acc", "test_bpd"]) + "\n", flush=True)

@@ -68,7 +68,7 @@ def main() -> None:
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     t0 = time.perf_counter()
     model.train()
-    for step in range(args.train_steps):
+    for _ in range(args.train_steps):
         idx = train_idx[torch.randint(len(train_idx), (64,))]
         loss = likelihood(model.log_prob_all(x_all[idx]), y_all[idx], model.prior.log_class_probs, 64)
         opt.zero_grad(set_to_none=True)

@@ -1,4 +1,4 @@
-"""Command line: ``python -m mixflow_core`` (or ``mixflow``) train | evaluate | sample | ablate.
+"""Command line: ``python -m mixflow_core`` (or ``mixflow``) train | evaluate | sample | ablate | report.
 
 Results go to stdout; progress goes through logging (-v info, -vv debug with tracebacks).
 Bad input exits with status 2 and one line on stderr. Run directories: see runs.py.
@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -17,15 +16,15 @@ import torch
 
 from .ablation import ablate, markdown_table
 from .data import load_data
-from .model import build_model
 from .plotting import fig_sample_grid, fig_samples_2d
 from .profiles import DATASETS, PROFILES, apply_overrides, get_profile
+from .report import ReportError, plan, run_report
 from .runs import (
     CONFIG, HISTORY, METRICS, RESUMABLE, RunError, check_same_data, config_diff, dataset_info, evaluate_seeded,
-    find_checkpoint, load_run_model, merge_config, one_line, parse_set, read_config, read_config_file,
-    resolve_device, write_config, write_json,
+    load_run_model, merge_config, one_line, parse_set, read_config, read_config_file, resolve_device, train_run,
+    write_json,
 )
-from .train import NonFiniteLossError, fit, load_checkpoint
+from .train import NonFiniteLossError
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +34,8 @@ EXAMPLES = """examples:
   mixflow evaluate runs/digits-smoke-seed0 --split val
   mixflow sample runs/digits-smoke-seed0 --classes 0 1 2 --n 8 --temperature 0.7 --out grid.png
   mixflow ablate --dataset digits --epochs 30 --seeds 0 1
+  mixflow report                     # digits, default profile: reports/ and figures/ in ~6 CPU-minutes
+  mixflow report --profile full --dataset fashion-mnist --device cuda
 """
 
 
@@ -49,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="-v: log progress; -vv: debug, with tracebacks")
     p = _Parser(prog="mixflow", description="Mixture flows: i-ResNet flows with a class-conditional Gaussian prior "
                 "that generate and classify.", epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True, metavar="{train,evaluate,sample,ablate}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{train,evaluate,sample,ablate,report}")
 
     t = sub.add_parser("train", parents=[common], help="train a model into a run directory",
                        description="Train a model. Config precedence: "
@@ -107,6 +108,26 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--only", nargs="+", metavar="VARIANT", help="run only these variants (names as in the table)")
     a.add_argument("--data-root", help="directory with the dataset files (sets data.root)")
     a.add_argument("--out", type=Path, help="output directory (default: runs/ablation-<dataset>-<profile>)")
+
+    r = sub.add_parser("report", parents=[common], help="run the notebook sequence headlessly (papermill)",
+                       description="Execute notebooks/01-04 with papermill: train the fixed and the seed "
+                       "configuration (reusing finished runs), diagnose overlap, sample, and write the results "
+                       "table. Executed notebooks go to --reports-dir, figures and the table to --figures-dir.")
+    r.add_argument("--dataset", choices=DATASETS, default="digits", help="default: digits")
+    r.add_argument("--profile", choices=PROFILES, default="default", help="default: default")
+    r.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
+    r.add_argument("--seed", type=int, default=0, help="training seed of both configurations (default 0)")
+    r.add_argument("--data-root", help="directory with the dataset files (fashion-mnist, cifar10)")
+    r.add_argument("--reports-dir", type=Path, default=Path("reports"), help="executed notebooks (default reports/)")
+    r.add_argument("--figures-dir", type=Path,
+                   help="figures and results table (default figures/ for digits-default, else figures/<dataset>-<profile>)")
+    r.add_argument("--runs-dir", type=Path, default=Path("runs/report"), help="run directories (default runs/report)")
+    r.add_argument("--ablation", type=Path, metavar="JSON",
+                   help="ablation.json to include (default: benchmarks/ablation/<dataset>-<profile>.json if present)")
+    r.add_argument("--retrain", action="store_true", help="train again even where a finished run exists")
+    r.add_argument("--baselines", choices=("full", "fast", "none"), default="full", help="baseline tuning (default full)")
+    r.add_argument("--no-tsne", action="store_true", help="skip t-SNE (PCA only)")
+    r.add_argument("--quiet", action="store_true", help="do not stream the notebooks' output (epochs) to the terminal")
     return p
 
 
@@ -138,42 +159,18 @@ def _train(args: argparse.Namespace) -> int:
                            "start a new --run-dir for a different configuration")
     else:
         cfg = fresh
-    resolve_device(cfg.train.device)  # fail early on a bad device
-    if not args.resume and ((run_dir / CONFIG).exists() or (run_dir / "checkpoint.pt").exists()):
-        raise RunError(f"{run_dir} already holds a run: continue it with --resume or choose another --run-dir")
-    data = load_data(cfg.data)
-    info = dataset_info(data)
-    if saved_info is not None:
-        check_same_data(saved_info, info, run_dir)
-    torch.manual_seed(cfg.train.seed)  # weight initialisation (a resumed run loads its weights instead)
-    model = build_model(data.data_shape, data.num_classes, data.levels, cfg.model, cfg.prior, data.class_counts())
-    main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 writes
-    if main_rank:
-        write_config(run_dir, cfg, profile, info)
     try:
-        history = fit(model, data, cfg.train, run_dir=run_dir, resume=args.resume)
+        history, metrics = train_run(cfg, run_dir, profile, resume=args.resume, saved_info=saved_info)
     except KeyboardInterrupt:
         print(f"interrupted; continue with: mixflow train --run-dir {run_dir} --resume", file=sys.stderr)
         return 130
-    except Exception:
-        if main_rank and not args.resume and not (run_dir / "checkpoint.pt").exists():
-            (run_dir / CONFIG).unlink(missing_ok=True)  # failed before any epoch: leave no half run behind
-        raise
-    if not main_rank:
+    if history is None:  # not rank 0 under torchrun
         return 0
-    write_json(run_dir / HISTORY, history.to_dict())
-    device, ckpt = model.prior.means.device, find_checkpoint(run_dir)
-    model.load_state_dict(load_checkpoint(ckpt, device)["model"])  # exactly the weights `evaluate` loads
-    seed, batch = cfg.train.seed, cfg.train.eval_batch_size
-    metrics = {"checkpoint": ckpt.name, "eval_seed": seed, "best_epoch": history.best_epoch,
-               "epochs": len(history.epochs), "stopped": history.stopped}
-    for split in ("val", "test"):
-        metrics[split] = evaluate_seeded(model, getattr(data, split), seed, batch, device)
-    write_json(run_dir / METRICS, metrics)
+    ckpt = metrics["checkpoint"]
     files = [f for f in (CONFIG, HISTORY, METRICS, "checkpoint.pt", "best.pt") if (run_dir / f).exists()]
     print(f"run directory: {run_dir} ({', '.join(files)})")
     print(f"trained {len(history.epochs)} epochs ({history.stopped}); "
-          f"metrics use {ckpt.name} (epoch {history.best_epoch})")
+          f"metrics use {ckpt} (epoch {history.best_epoch})")
     print(_summary("val", metrics["val"]))
     print(_summary("test", metrics["test"]))
     return 0
@@ -241,6 +238,19 @@ def _ablate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    resolve_device(args.device)
+    steps = plan(args.dataset, args.profile, args.device, args.seed, args.reports_dir, args.figures_dir, args.runs_dir,
+                 args.data_root, args.retrain, args.ablation, tsne=not args.no_tsne, baselines=args.baselines)
+    summary = run_report(steps, log_output=not args.quiet)
+    print(f"report finished in {summary['seconds'] / 60:.1f} min")
+    print(f"executed notebooks: {Path(steps[-1].output).parent}/ ({', '.join(Path(s.output).name for s in steps)})")
+    print(f"figures: {summary['figures_dir']}/")
+    print(f"results table: {summary['table_md']}\n")
+    print(summary["table"])
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `mixflow` / `python -m mixflow_core`.
 
@@ -251,12 +261,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("mixflow_core").setLevel((logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)])
     try:
-        commands = {"train": _train, "evaluate": _evaluate, "sample": _sample, "ablate": _ablate}
+        commands = {"train": _train, "evaluate": _evaluate, "sample": _sample, "ablate": _ablate, "report": _report}
         return commands[args.command](args)
     except NonFiniteLossError as err:  # training diverged: not bad input, but no traceback either
         _fail(err, 1)
     except (ValueError, OSError) as err:  # RunError, CheckpointError, DatasetNotFoundError, config validation
         _fail(err, 2)
+    except ReportError as err:  # a notebook failed; the message names the cell and the partial output
+        _fail(err, 1)
 
 
 def _fail(err: BaseException, code: int):

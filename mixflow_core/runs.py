@@ -28,7 +28,7 @@ from .profiles import RunConfig, apply_overrides
 __all__ = [
     "RunError", "one_line", "CONFIG", "HISTORY", "METRICS", "RESUMABLE", "parse_set", "read_config_file", "config_diff",
     "dataset_info", "check_same_data", "write_json", "write_config", "read_config", "find_checkpoint", "resolve_device",
-    "load_run_model", "evaluate_seeded", "merge_config",
+    "load_run_model", "evaluate_seeded", "merge_config", "train_run", "ensure_run", "read_json",
 ]
 
 CONFIG, HISTORY, METRICS = "config.json", "history.json", "metrics.json"
@@ -227,3 +227,96 @@ def merge_config(base: RunConfig, overrides: dict[str, Any]) -> RunConfig:
         return apply_overrides(base, overrides)
     except (ValueError, TypeError) as err:
         raise RunError(one_line(err)) from err
+
+
+def read_json(path: str | Path) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise RunError(f"{path} does not exist")
+    return json.loads(path.read_text())
+
+
+def train_run(
+    cfg: RunConfig,
+    run_dir: str | Path,
+    profile: str = "custom",
+    resume: bool = False,
+    saved_info: dict[str, Any] | None = None,
+    snapshot_epochs: tuple[int, ...] = (),
+) -> tuple[Any, dict[str, Any] | None]:
+    """Train `cfg` into `run_dir` (config.json, checkpoints, history.json, metrics.json); (History, metrics).
+
+    The metrics are those of best.pt (else the last checkpoint) on val and test, with the run's
+    seed, exactly as `mixflow evaluate` recomputes them. Under torchrun, ranks other than 0 train
+    but write nothing and get (None, None). A failure before the first epoch leaves no
+    config.json behind.
+    """
+    from .data import load_data
+    from .train import fit, load_checkpoint
+
+    run_dir = Path(run_dir)
+    resolve_device(cfg.train.device)  # fail early on a bad device
+    if not resume and ((run_dir / CONFIG).exists() or (run_dir / "checkpoint.pt").exists()):
+        raise RunError(f"{run_dir} already holds a run: continue it with --resume or choose another --run-dir")
+    data = load_data(cfg.data)
+    info = dataset_info(data)
+    if saved_info is not None:
+        check_same_data(saved_info, info, run_dir)
+    torch.manual_seed(cfg.train.seed)  # weight initialisation (a resumed run loads its weights instead)
+    model = build_model(data.data_shape, data.num_classes, data.levels, cfg.model, cfg.prior, data.class_counts())
+    main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 writes
+    if main_rank:
+        write_config(run_dir, cfg, profile, info)
+    try:
+        history = fit(model, data, cfg.train, run_dir=run_dir, resume=resume, snapshot_epochs=tuple(snapshot_epochs))
+    except Exception:
+        if main_rank and not resume and not (run_dir / "checkpoint.pt").exists():
+            (run_dir / CONFIG).unlink(missing_ok=True)  # failed before any epoch: leave no half run behind
+        raise
+    if not main_rank:
+        return None, None
+    write_json(run_dir / HISTORY, history.to_dict())
+    device, ckpt = model.prior.means.device, find_checkpoint(run_dir)
+    model.load_state_dict(load_checkpoint(ckpt, device)["model"])  # exactly the weights `evaluate` loads
+    seed, batch = cfg.train.seed, cfg.train.eval_batch_size
+    metrics: dict[str, Any] = {"checkpoint": ckpt.name, "eval_seed": seed, "best_epoch": history.best_epoch,
+                               "epochs": len(history.epochs), "stopped": history.stopped}
+    for split in ("val", "test"):
+        metrics[split] = evaluate_seeded(model, getattr(data, split), seed, batch, device)
+    write_json(run_dir / METRICS, metrics)
+    return history, metrics
+
+
+def ensure_run(
+    cfg: RunConfig, run_dir: str | Path, profile: str = "custom", snapshot_epochs: tuple[int, ...] = (),
+    retrain: bool = False,
+) -> tuple[dict[str, Any], dict[str, Any], bool]:
+    """A finished run of `cfg` in `run_dir`: reuse it, resume it, or train it; (history dict, metrics, trained now).
+
+    - metrics.json present and config.json equal to `cfg`: nothing to do (a notebook rerun is instant);
+    - a checkpoint of the same configuration without metrics.json (interrupted): resume it;
+    - another configuration in `run_dir`: RunError, unless `retrain`, which deletes the old run first.
+    Only RESUMABLE fields (epochs, time budget, device, ...) may differ from a saved run.
+    """
+    import shutil
+
+    run_dir = Path(run_dir)
+    if (run_dir / CONFIG).exists():
+        saved, _, info = read_config(run_dir)
+        fixed = {k: d for k, d in config_diff(saved, cfg).items() if k not in RESUMABLE}
+        if fixed and not retrain:
+            change = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in sorted(fixed.items()))
+            raise RunError(f"{run_dir} holds a run of another configuration ({change}); "
+                           "choose another run directory or pass retrain=True to replace it")
+        if retrain:
+            shutil.rmtree(run_dir)
+        elif (run_dir / METRICS).exists() and (run_dir / HISTORY).exists() and not config_diff(saved, cfg):
+            return read_json(run_dir / HISTORY), read_json(run_dir / METRICS), False
+        elif (run_dir / "checkpoint.pt").exists():
+            history, metrics = train_run(cfg, run_dir, profile, resume=True, saved_info=info,
+                                         snapshot_epochs=snapshot_epochs)
+            return history.to_dict(), metrics, True
+        else:
+            (run_dir / CONFIG).unlink()  # a config without weights: start afresh
+    history, metrics = train_run(cfg, run_dir, profile, snapshot_epochs=snapshot_epochs)
+    return history.to_dict(), metrics, True

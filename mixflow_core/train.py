@@ -33,11 +33,12 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
 from .data import Splits
-from .diagnostics import off_diagonal
+from .diagnostics import bhattacharyya, off_diagonal
 from .model import MixtureFlow
 from .objectives import make_objective
 
-__all__ = ["TrainConfig", "History", "fit", "NonFiniteLossError", "CheckpointError", "load_checkpoint", "inverse_error"]
+__all__ = ["TrainConfig", "History", "fit", "NonFiniteLossError", "CheckpointError", "load_checkpoint", "inverse_error",
+           "snapshot_path"]
 
 logger = logging.getLogger(__name__)
 
@@ -201,7 +202,11 @@ def _validate(model: MixtureFlow, data: Dataset, cfg: TrainConfig, objective, ct
 
 def _mean_distance_stats(model: MixtureFlow) -> dict[str, float]:
     off = off_diagonal(model.prior.mean_distances().detach())
-    return {"mean_dist_min": float(off.min()), "mean_dist_median": float(off.median())} if off.numel() else {}
+    if not off.numel():
+        return {}
+    bc = off_diagonal(bhattacharyya(model.prior))
+    return {"mean_dist_min": float(off.min()), "mean_dist_median": float(off.median()),
+            "bhattacharyya_mean": float(bc.mean()), "bhattacharyya_max": float(bc.max())}
 
 
 def _improved(cfg: TrainConfig, record: dict[str, float], best: float | None) -> tuple[bool, float | None]:
@@ -215,9 +220,15 @@ def _improved(cfg: TrainConfig, record: dict[str, float], best: float | None) ->
 
 # -- checkpoints -----------------------------------------------------------------------------
 def _atomic_save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
+
+
+def snapshot_path(run_dir: str | Path, epoch: int) -> Path:
+    """Where fit(snapshot_epochs=...) writes the weights after `epoch` (1-based)."""
+    return Path(run_dir) / "snapshots" / f"epoch_{epoch:04d}.pt"
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -273,17 +284,22 @@ def fit(
     cfg: TrainConfig = TrainConfig(),
     run_dir: str | Path | None = None,
     resume: bool = False,
+    snapshot_epochs: tuple[int, ...] = (),
 ) -> History:
     """Train `model` in place on data.train, validating on data.val; returns the History.
 
     With `run_dir`, writes run_dir/checkpoint.pt every epoch (and best.pt on improvement);
-    `resume=True` continues from run_dir/checkpoint.pt if it exists.
+    `resume=True` continues from run_dir/checkpoint.pt if it exists. After each epoch listed in
+    `snapshot_epochs` (1-based) the weights also go to run_dir/snapshots/epoch_NNNN.pt, for
+    diagnostics over training (class Gaussians and latents at several epochs).
     """
     torch.set_num_threads(cfg.threads)
     device = _resolve_device(cfg.device)
     ctx = _setup_distributed(device)
     torch.manual_seed(cfg.seed + ctx.rank)  # probes and dequantisation noise differ across ranks
     run_dir = Path(run_dir) if run_dir is not None else None
+    if snapshot_epochs and run_dir is None:
+        raise ValueError("snapshot_epochs needs a run_dir to write the snapshots to")
     if run_dir is not None and ctx.main:
         run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = run_dir / "checkpoint.pt" if run_dir is not None else None
@@ -379,6 +395,9 @@ def fit(
             if ctx.main:
                 if improved:
                     _atomic_save({"model": best_state}, run_dir / "best.pt")
+                if epoch + 1 in snapshot_epochs:
+                    _atomic_save({"model": model.state_dict(), "epoch": epoch + 1, "record": record},
+                                 snapshot_path(run_dir, epoch + 1))
                 _atomic_save({
                     "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                     "rng": rng, "train_config": dataclasses.asdict(cfg), "history": history.to_dict(),
