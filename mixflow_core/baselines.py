@@ -204,6 +204,15 @@ def _probabilities(method: str, fitted, param, seed: int, x_tr: np.ndarray, y_tr
     return CalibratedClassifierCV(_make_classifier(method, param, seed), ensemble=False).fit(x_tr, y_tr)
 
 
+def _val_score(method: str, param, seed: int, x_tr, y_tr, x_va, y_va) -> float:
+    """Validation accuracy, or -inf where the fit is impossible (QDA with fewer examples per class than features)."""
+    try:
+        return _make_classifier(method, param, seed).fit(x_tr, y_tr).score(x_va, y_va)
+    except np.linalg.LinAlgError as err:
+        log.info("%s %r cannot be fit: %s", method, param, err)
+        return float("-inf")
+
+
 def sklearn_baselines(
     data: Splits, seed: int = 0, methods: Sequence[str] = ("qda", "logistic"),
     grids: Mapping[str, Sequence] | None = None,
@@ -215,7 +224,8 @@ def sklearn_baselines(
     predict_proba (through metrics.expected_calibration_error); for the SVC, of Platt-calibrated
     decision values (CalibratedClassifierCV, ensemble=False), whose argmax may differ from predict. Each row: {"method", "accuracy",
     "bpd_conditional": None, "bpd_marginal": None, "ece", "n", "param", "val_accuracy",
-    "val_grid_accuracy" (one per grid point)}.
+    "val_grid_accuracy" (one per grid point; -inf where the fit is impossible)}. A method none of whose
+    grid points can be fit (QDA with fewer examples per class than features) is left out, with a warning.
     """
     unknown = [m for m in methods if m not in SKLEARN_GRIDS]
     if unknown:
@@ -230,7 +240,11 @@ def sklearn_baselines(
         with warnings.catch_warnings():
             # QDA warns about collinear variables at small reg_param (constant border pixels)
             warnings.filterwarnings("ignore", message="Variables are collinear")
-            scores = [_make_classifier(method, p, seed).fit(x_tr, y_tr).score(x_va, y_va) for p in grid]
+            scores = [_val_score(method, p, seed, x_tr, y_tr, x_va, y_va) for p in grid]
+            if not np.isfinite(scores).any():
+                log.warning("%s: no grid point could be fit on %d training examples; row left out",
+                            _SKLEARN_NAMES[method], len(y_tr))
+                continue
             i = int(np.argmax(scores))  # first maximum
             clf = _make_classifier(method, grid[i], seed).fit(x_tr, y_tr)
             prob_model = _probabilities(method, clf, grid[i], seed, x_tr, y_tr)

@@ -243,3 +243,13 @@ def test_fast_table_on_digits(digits):
     assert [r["method"] for r in rows] == [GAUSSIAN_METHOD, "QDA (reg_param)", "logistic regression (C)"]
     assert rows[0]["accuracy"] > 0.95 and 1.5 < rows[0]["bpd_conditional"] < 3.0
     assert rows[0] == baseline_table(digits, fast=True)[0]
+
+
+def test_qda_is_left_out_when_classes_have_fewer_examples_than_features():
+    """sklearn's QDA refuses classes with fewer examples than dimensions (smoke-sized digits: ~27 per class, 64 dims)."""
+    from mixflow_core.data import DataConfig, load_data
+
+    small = load_data(DataConfig("digits", train_limit=300))
+    rows = sklearn_baselines(small, methods=("qda", "logistic"))
+    assert [r["method"] for r in rows] == ["logistic regression (C)"]
+    assert 0.5 < rows[0]["accuracy"] <= 1.0
