@@ -242,7 +242,7 @@ def _report(args: argparse.Namespace) -> int:
     resolve_device(args.device)
     steps = plan(args.dataset, args.profile, args.device, args.seed, args.reports_dir, args.figures_dir, args.runs_dir,
                  args.data_root, args.retrain, args.ablation, tsne=not args.no_tsne, baselines=args.baselines)
-    summary = run_report(steps, log_output=not args.quiet)
+    summary = run_report(steps, stream=not args.quiet)
     print(f"report finished in {summary['seconds'] / 60:.1f} min")
     print(f"executed notebooks: {Path(steps[-1].output).parent}/ ({', '.join(Path(s.output).name for s in steps)})")
     print(f"figures: {summary['figures_dir']}/")

@@ -103,8 +103,13 @@ def plan(
     return steps
 
 
-def execute(step: Step, kernel_name: str = KERNEL, log_output: bool = False) -> float:
-    """Run one notebook with papermill; seconds taken. ReportError names the failing cell and the partial output."""
+def execute(step: Step, kernel_name: str = KERNEL, stream: bool = False) -> float:
+    """Run one notebook with papermill; seconds taken. ReportError names the failing cell and the partial output.
+
+    `stream`: copy the kernel's stdout / stderr (e.g. one line per training epoch) to ours as it runs.
+    """
+    import sys
+
     import papermill
     from papermill.exceptions import PapermillExecutionError
 
@@ -116,7 +121,8 @@ def execute(step: Step, kernel_name: str = KERNEL, log_output: bool = False) -> 
     try:
         papermill.execute_notebook(
             str(source), str(step.output), parameters=step.parameters, kernel_name=kernel_name,
-            cwd=str(source.parent), progress_bar=False, log_output=log_output,
+            cwd=str(source.parent), progress_bar=False,
+            stdout_file=sys.stdout if stream else None, stderr_file=sys.stderr if stream else None,
         )
     except PapermillExecutionError as err:
         raise ReportError(
@@ -127,13 +133,13 @@ def execute(step: Step, kernel_name: str = KERNEL, log_output: bool = False) -> 
 
 
 def run_report(
-    steps: list[Step], kernel_name: str = KERNEL, log_output: bool = False, echo: Callable[[str], None] = print,
+    steps: list[Step], kernel_name: str = KERNEL, stream: bool = False, echo: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Execute `steps` in order, echoing progress; returns {steps, seconds, table_md, table} (also reports/report.json)."""
     t0, done = time.perf_counter(), []
     for i, step in enumerate(steps, 1):
         echo(f"[{i}/{len(steps)}] {step.notebook}: {step.title} ...")
-        seconds = execute(step, kernel_name, log_output)
+        seconds = execute(step, kernel_name, stream)
         done.append({"notebook": step.notebook, "output": str(step.output), "seconds": round(seconds, 1),
                      "results_json": step.parameters.get("results_json")})
         echo(f"[{i}/{len(steps)}] {step.notebook}: done in {seconds:.0f} s -> {step.output}")

@@ -180,7 +180,9 @@ def results_rows(runs: dict[str, dict[str, Any]], baselines: list[dict[str, Any]
 def markdown_results(rows: list[dict[str, Any]]) -> str:
     """The results table as Markdown (— where a method has no such number)."""
     def cell(v: Any, fmt: str) -> str:
-        return "—" if v is None else format(v, fmt)
+        if v is None:
+            return "—"
+        return format(v, ".3e") if isinstance(v, float) and abs(v) >= 1e4 else format(v, fmt)  # collapsed runs
 
     lines = ["| method | kind | test accuracy | bits/dim (conditional) | bits/dim (marginal) | ECE | n |",
              "|---|---|---|---|---|---|---|"]

@@ -194,3 +194,40 @@ def test_run_config_seed_has_the_students_choices():
     assert study.run_config("digits", "smoke", "fixed").prior.init == "separated"
     with pytest.raises(ValueError, match="config must be"):
         study.run_config("digits", "smoke", "other")
+
+
+def test_cli_report_failure_is_one_line_naming_the_notebook(tmp_path, capsys):
+    """`mixflow report` over a run directory of another configuration: 01 refuses it, the CLI says where."""
+    from mixflow_core.__main__ import main
+    from mixflow_core.profiles import apply_overrides
+    from mixflow_core.runs import write_config
+
+    other = apply_overrides(study.run_config("digits", "smoke", "fixed"), {"train.lr": 0.5})
+    write_config(tmp_path / "runs" / "digits-smoke-seed0-fixed", other, "smoke", {})
+    with pytest.raises(SystemExit) as exit_:
+        main(["report", "--profile", "smoke", "--runs-dir", str(tmp_path / "runs"), "--reports-dir",
+              str(tmp_path / "reports"), "--figures-dir", str(tmp_path / "figures"), "--quiet"])
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("mixflow: error: 01_train.ipynb failed in code cell")
+    assert "another configuration" in err and "train.lr" in err and str(tmp_path / "reports" / "01_train_fixed.ipynb") in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["report", "--profile", "huge"], "invalid choice"),
+    (["report", "--device", "cuda:7"], "CUDA is not available"),
+])
+def test_cli_report_rejects_bad_input(argv, message, capsys):
+    from mixflow_core.__main__ import main
+
+    if torch_cuda_available() and "cuda:7" in argv:
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def torch_cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
