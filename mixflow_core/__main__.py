@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, help="seed of dequantisation noise and probes (default: the run's train.seed, "
                    "which reproduces metrics.json)")
     e.add_argument("--device", help="default: the run's train.device")
+    e.add_argument("--draws", type=int, help="dequantisation draws averaged per image (importance-weighted bound; "
+                   "needs an exact eval log-det); default: the run's train.eval_draws")
     e.add_argument("--data-root", help="where the dataset files are now (default: the run's data.root)")
 
     s = sub.add_parser("sample", parents=[common], help="PNG of samples per class",
@@ -184,7 +186,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     torch.set_num_threads(cfg.train.threads)
     seed = cfg.train.seed if args.seed is None else args.seed
     device = model.prior.means.device
-    m = evaluate_seeded(model, getattr(data, args.split), seed, cfg.train.eval_batch_size, device)
+    draws = cfg.train.eval_draws if args.draws is None else args.draws
+    m = evaluate_seeded(model, getattr(data, args.split), seed, cfg.train.eval_batch_size, device, draws)
     out = args.out or args.run_dir / f"eval-{args.split}.json"
     write_json(out, {"run_dir": str(args.run_dir), "split": args.split, "checkpoint": ckpt.name,
                      "eval_seed": seed, **m})

@@ -104,7 +104,7 @@ def _run_one(cfg: RunConfig, data: Splits, seed: int) -> dict[str, Any]:
     if hasattr(model.preprocess, "dequantize"):
         model.preprocess.dequantize = True  # evaluate every variant with noise: a valid bound
     torch.manual_seed(10_000 + seed)  # same evaluation noise for every variant
-    metrics = evaluate(model, data.test, cfg.train.eval_batch_size)
+    metrics = evaluate(model, data.test, cfg.train.eval_batch_size, draws=1)  # one draw: the tables on record
     metrics.pop("confusion")
     row = {"status": status, "seconds": seconds, "epochs_run": len(history.epochs), **metrics}
     row.update(overlap_summary(model, data.test, cfg.train.eval_batch_size))

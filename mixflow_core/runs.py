@@ -36,7 +36,7 @@ _META_KEYS = ("profile", "dataset_info", "mixflow_version")  # config.json keys 
 # Fields that may change when a run is resumed: they say how long and where, not what is trained.
 RESUMABLE = frozenset({
     "train.epochs", "train.max_minutes", "train.device", "train.threads", "train.progress",
-    "train.eval_batch_size", "data.root", "data.download",
+    "train.eval_batch_size", "train.eval_draws", "data.root", "data.download",
 })
 
 
@@ -209,7 +209,7 @@ def load_run_model(run_dir: Path, device: str | None = None) -> tuple[MixtureFlo
 
 
 def evaluate_seeded(
-    model: MixtureFlow, data: Dataset, seed: int, batch_size: int, device: torch.device
+    model: MixtureFlow, data: Dataset, seed: int, batch_size: int, device: torch.device, draws: int = 1,
 ) -> dict[str, Any]:
     """metrics.evaluate with the global RNG (dequantisation noise, Hutchinson probes) seeded, then restored.
 
@@ -218,7 +218,7 @@ def evaluate_seeded(
     """
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        return evaluate(model, data, batch_size, device)
+        return evaluate(model, data, batch_size, device, draws)
 
 
 def merge_config(base: RunConfig, overrides: dict[str, Any]) -> RunConfig:
@@ -278,11 +278,11 @@ def train_run(
     write_json(run_dir / HISTORY, history.to_dict())
     device, ckpt = model.prior.means.device, find_checkpoint(run_dir)
     model.load_state_dict(load_checkpoint(ckpt, device)["model"])  # exactly the weights `evaluate` loads
-    seed, batch = cfg.train.seed, cfg.train.eval_batch_size
+    seed, batch, draws = cfg.train.seed, cfg.train.eval_batch_size, cfg.train.eval_draws
     metrics: dict[str, Any] = {"checkpoint": ckpt.name, "eval_seed": seed, "best_epoch": history.best_epoch,
                                "epochs": len(history.epochs), "stopped": history.stopped}
     for split in ("val", "test"):
-        metrics[split] = evaluate_seeded(model, getattr(data, split), seed, batch, device)
+        metrics[split] = evaluate_seeded(model, getattr(data, split), seed, batch, device, draws)
     write_json(run_dir / METRICS, metrics)
     return history, metrics
 

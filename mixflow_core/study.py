@@ -171,24 +171,30 @@ def results_rows(runs: dict[str, dict[str, Any]], baselines: list[dict[str, Any]
     for name, metrics in runs.items():
         test = metrics["test"]
         rows.append({"method": name, "kind": "mixture flow", **{k: test.get(k) for k in _RESULT_KEYS},
-                     "n": test.get("n"), "epochs": metrics.get("epochs"), "best_epoch": metrics.get("best_epoch")})
+                     "n": test.get("n"), "draws": test.get("draws", 1), "epochs": metrics.get("epochs"),
+                     "best_epoch": metrics.get("best_epoch")})
     for b in baselines or []:
-        rows.append({"method": b["method"], "kind": "baseline", **{k: b.get(k) for k in _RESULT_KEYS}, "n": b.get("n")})
+        rows.append({"method": b["method"], "kind": "baseline", **{k: b.get(k) for k in _RESULT_KEYS}, "n": b.get("n"),
+                     "draws": b.get("draws")})
     return rows
 
 
 def markdown_results(rows: list[dict[str, Any]]) -> str:
-    """The results table as Markdown (— where a method has no such number)."""
+    """The results table as Markdown (— where a method has no such number).
+
+    "draws": dequantisation draws averaged per test image for the densities (— for classifiers without one).
+    """
     def cell(v: Any, fmt: str) -> str:
         if v is None:
             return "—"
         return format(v, ".3e") if isinstance(v, float) and abs(v) >= 1e4 else format(v, fmt)  # collapsed runs
 
-    lines = ["| method | kind | test accuracy | bits/dim (conditional) | bits/dim (marginal) | ECE | n |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| method | kind | test accuracy | bits/dim (conditional) | bits/dim (marginal) | ECE | n | draws |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['method']} | {r['kind']} | {cell(r['accuracy'], '.4f')} | {cell(r['bpd_conditional'], '.4f')} "
-                     f"| {cell(r['bpd_marginal'], '.4f')} | {cell(r['ece'], '.4f')} | {cell(r.get('n'), 'd')} |")
+                     f"| {cell(r['bpd_marginal'], '.4f')} | {cell(r['ece'], '.4f')} | {cell(r.get('n'), 'd')} "
+                     f"| {cell(r.get('draws'), 'd')} |")
     return "\n".join(lines)
 
 

@@ -62,6 +62,7 @@ class TrainConfig:
     patience: int = 20  # epochs without improvement before stopping
     max_nonfinite: int = 20  # consecutive non-finite batches before giving up
     eval_batch_size: int = 500
+    eval_draws: int = 1  # dequantisation draws averaged (importance-weighted) in the final val / test metrics
     threads: int = 1  # torch CPU threads (small models run best with 1)
     device: str = "cpu"  # cpu, cuda, cuda:N or auto
     seed: int = 0
@@ -71,6 +72,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError(f"epochs, batch_size and lr must be positive: {self}")
+        if self.eval_draws < 1:
+            raise ValueError(f"eval_draws must be >= 1, got {self.eval_draws}")
 
 
 @dataclass

@@ -16,6 +16,7 @@ from mixflow_core.metrics import (
     evaluate,
     expected_calibration_error,
     log_likelihood_table,
+    over_dataset,
 )
 
 LN2 = math.log(2.0)
@@ -214,3 +215,33 @@ def test_evaluate_with_dequantisation_is_reproducible_from_the_seed():
     c = evaluate(model, data)
     assert a == b
     assert a["bpd_conditional"] != c["bpd_conditional"]
+
+
+# -- several dequantisation draws (importance-weighted) -------------------------------------------
+
+
+def test_draws_average_probabilities_over_dequantisation_noise():
+    """log (1/S) sum_s p(x + u_s | k), with exactly the noise S single-draw passes would use, and >= their mean log."""
+    model, data = tiny_model(dequantize=True, logdet="exact")
+    torch.manual_seed(3)
+    iw, y = log_likelihood_table(model, data, batch_size=50, draws=4)
+    torch.manual_seed(3)  # the same noise: one batch, four single-draw passes in order, through the same loader
+    singles, _ = over_dataset(model, data, lambda x: torch.stack([model.log_prob_all(x) for _ in range(4)], 1), 50)
+    singles = singles.transpose(0, 1)  # (S, N, K)
+    assert torch.allclose(iw, torch.logsumexp(singles, 0) - math.log(4), rtol=0, atol=1e-5)  # float32 model
+    assert (iw >= singles.mean(0) - 1e-12).all()  # Jensen: never below the average of single draws
+    assert not torch.allclose(singles[0], singles[1])  # the draws differ
+    torch.manual_seed(3)
+    assert evaluate(model, data, batch_size=50, draws=4)["draws"] == 4
+
+
+def test_draws_without_noise_or_with_a_series_estimator():
+    model, data = tiny_model(dequantize=False, logdet="exact")
+    one, _ = log_likelihood_table(model, data)
+    many, _ = log_likelihood_table(model, data, draws=8)
+    assert torch.equal(one, many) and evaluate(model, data, draws=8)["draws"] == 1  # nothing to average
+    noisy_logdet, data = tiny_model(dequantize=True, logdet="power_series")
+    with pytest.raises(ValueError, match="exact evaluation log-det"):
+        log_likelihood_table(noisy_logdet, data, draws=2)
+    with pytest.raises(ValueError, match="draws must be"):
+        log_likelihood_table(model, data, draws=0)
