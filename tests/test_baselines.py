@@ -264,3 +264,11 @@ def test_gaussian_draws_tighten_the_bound_and_leave_one_draw_unchanged(digits):
     assert many["bpd_conditional"] < one["bpd_conditional"] - 0.03
     with pytest.raises(ValueError, match="draws"):
         gaussian_baseline(digits, draws=0)
+
+
+def test_baseline_table_leaves_the_svc_out_for_large_training_sets(digits, monkeypatch):
+    import mixflow_core.baselines as baselines
+
+    monkeypatch.setattr(baselines, "SVC_MAX_TRAIN", len(digits.train) - 1)
+    methods = [r["method"] for r in baselines.baseline_table(digits)]
+    assert methods == [GAUSSIAN_METHOD, "QDA (reg_param)", "logistic regression (C)"]
