@@ -249,3 +249,17 @@ def test_report_runs_on_cifar10_shaped_images(tmp_path):
     assert all(_is_png(p) for p in sampled["figures"])
     rows = _json(steps[4])["rows"]
     assert {r["method"] for r in rows} >= {"mixture flow: fixed", "mixture flow: seed (student)"}
+
+
+def test_parameter_defaults_point_where_make_report_writes():
+    """Opening a notebook after `make report` finds that report's runs: defaults equal plan()'s paths."""
+    steps = report.plan("digits", "default", ablation_json="")
+    for path in NOTEBOOKS:
+        cell = next(c for c in nbformat.read(path, as_version=4).cells if "parameters" in c.metadata.get("tags", []))
+        defaults: dict = {}
+        exec(compile(cell.source, str(path), "exec"), {}, defaults)  # plain assignments (checked above)
+        planned = [s.parameters for s in steps if s.notebook == path.name]
+        for key in ("run_dir", "fixed_run", "seed_run", "figures_dir"):
+            if key in defaults and key in planned[0]:
+                expected = {str(Path(p[key]).relative_to(ROOT)) for p in planned}
+                assert defaults[key] in expected, f"{path.name}: {key} = {defaults[key]!r}, make report writes {expected}"
