@@ -16,7 +16,6 @@ import torch
 
 from .ablation import ablate, markdown_table
 from .data import load_data
-from .plotting import fig_sample_grid, fig_samples_2d
 from .profiles import DATASETS, PROFILES, apply_overrides, get_profile
 from .report import ReportError, plan, run_report
 from .runs import (
@@ -25,6 +24,7 @@ from .runs import (
     write_json,
 )
 from .train import NonFiniteLossError
+from .widgets import fig_class_samples
 
 logger = logging.getLogger(__name__)
 
@@ -209,14 +209,7 @@ def _sample(args: argparse.Namespace) -> int:
     if levels is None and shape != (2,):
         raise RunError(f"can only draw continuous samples in 2-D, not of shape {shape}")
     torch.set_num_threads(cfg.train.threads)
-    device = model.prior.means.device
-    gen = torch.Generator(device=device).manual_seed(args.seed)
-    rows = [model.sample(c, n=args.n, temperature=args.temperature, generator=gen).cpu() for c in classes]
-    names = [info["class_names"][c] for c in classes]
-    if levels is None:
-        fig = fig_samples_2d(rows, names, args.temperature)
-    else:
-        fig = fig_sample_grid(rows, shape, levels, names)
+    fig = fig_class_samples(model, classes, args.n, args.temperature, args.seed, shape, levels, info["class_names"])
     out = args.out or args.run_dir / "samples.png"
     out.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)

@@ -12,6 +12,7 @@ A notebook calls `run_config`, trains with runs.ensure_run, and later reads the 
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -100,17 +101,11 @@ def snapshot_models(run: Run) -> list[tuple[str, MixtureFlow]]:
     device = run.model.prior.means.device
     for path in sorted((run.run_dir / "snapshots").glob("epoch_*.pt")):
         ckpt = load_checkpoint(path, device)
-        model = _clone(run.model)
+        model = copy.deepcopy(run.model)
         model.load_state_dict(ckpt["model"])
         out.append((f"epoch {ckpt['epoch']}", model.eval()))
     out.append((f"best (epoch {run.history.get('best_epoch')})", run.model))
     return out
-
-
-def _clone(model: MixtureFlow) -> MixtureFlow:
-    import copy
-
-    return copy.deepcopy(model)
 
 
 def test_subset(data: Dataset, max_points: int, seed: int = 0) -> Dataset:
