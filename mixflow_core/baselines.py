@@ -16,8 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -29,10 +28,11 @@ from .config import ModelConfig
 from .data import Splits
 from .metrics import accuracy, bits_per_dim, expected_calibration_error
 from .model import LogitPreprocess
+from .priors import ClassMoments, class_moments
 
 __all__ = [
     "RIDGES", "SKLEARN_GRIDS", "ClassMoments", "logit_space", "class_moments", "gaussian_log_likelihoods",
-    "gaussian_baseline", "sklearn_baselines", "baseline_table", "FAST_RIDGES", "FAST_GRIDS",
+    "gaussian_baseline", "gaussian_test_table", "sklearn_baselines", "baseline_table", "FAST_RIDGES", "FAST_GRIDS",
 ]
 
 log = logging.getLogger(__name__)
@@ -56,50 +56,6 @@ def logit_space(x: Tensor, u: Tensor, levels: int, alpha: float) -> tuple[Tensor
     without dequantisation it puts x at its bin midpoint x + 1/2, so x + (u - 1/2) lands on x + u.
     """
     return LogitPreprocess(levels, alpha, dequantize=False)(x + (u - 0.5))
-
-
-@dataclass(frozen=True)
-class ClassMoments:
-    """Per-class sample means (K, D), unbiased covariances (K, D, D) and counts (K,), float64."""
-
-    means: Tensor
-    covs: Tensor
-    counts: Tensor
-
-    def log_class_probs(self) -> Tensor:
-        """log p(k) = log of the class frequencies, (K,)."""
-        return torch.log(self.counts / self.counts.sum())
-
-
-def class_moments(batches: Iterable[tuple[Tensor, Tensor]], num_classes: int) -> ClassMoments:
-    """Mean and covariance of each class over all (h (N, D), y (N,)) batches, pooled as one data set.
-
-    Streams the batches (dequantised copies of an image set need not fit in memory at once) with
-    sums shifted by each class's first-batch mean, so S2 - S1 S1^T / n does not cancel catastrophically.
-    """
-    shift: list[Tensor | None] = [None] * num_classes
-    s1: list[Tensor | None] = [None] * num_classes
-    s2: list[Tensor | None] = [None] * num_classes
-    n = torch.zeros(num_classes, dtype=torch.float64)
-    for h, y in batches:
-        h = h.double()
-        for k in range(num_classes):
-            hk = h[y == k]  # (n_k, D)
-            if len(hk) == 0:
-                continue
-            if shift[k] is None:
-                shift[k] = hk.mean(0)
-                s1[k], s2[k] = torch.zeros_like(shift[k]), torch.zeros(h.shape[1], h.shape[1], dtype=torch.float64)
-            c = hk - shift[k]
-            s1[k] += c.sum(0)
-            s2[k] += c.T @ c
-            n[k] += len(hk)
-    missing = [k for k in range(num_classes) if n[k] < 2]
-    if missing:
-        raise ValueError(f"classes {missing} have fewer than 2 fit examples; a covariance needs at least 2")
-    means = torch.stack([shift[k] + s1[k] / n[k] for k in range(num_classes)])
-    covs = torch.stack([(s2[k] - torch.outer(s1[k], s1[k]) / n[k]) / (n[k] - 1) for k in range(num_classes)])
-    return ClassMoments(means, covs, n)
 
 
 def gaussian_log_likelihoods(h: Tensor, moments: ClassMoments, ridge: float) -> Tensor:
@@ -133,6 +89,22 @@ def gaussian_baseline(
 ) -> dict:
     """Per-class full-covariance Gaussian in the flow's logit space, evaluated on test like the flow.
 
+    The metrics of `gaussian_test_table` (see there for the model, the noise and `draws`).
+    Returns {"method", "accuracy", "bpd_conditional", "bpd_marginal", "ece", "ridge", "n", "draws",
+    "val_accuracy", "val_bpd_conditional" (at the chosen ridge; None when refit on val)}.
+    """
+    table, y_te, log_py, info = gaussian_test_table(data, alpha, copies, seed, ridges, refit_on_val, draws)
+    return {"method": info["method"], **_table_metrics(table, y_te, log_py, info["dim"]),
+            "ridge": info["ridge"], "n": len(y_te), "draws": draws,
+            "val_accuracy": info["val_accuracy"], "val_bpd_conditional": info["val_bpd_conditional"]}
+
+
+def gaussian_test_table(
+    data: Splits, alpha: float = ModelConfig.alpha, copies: int = 10, seed: int = 0,
+    ridges: Sequence[float] = RIDGES, refit_on_val: bool = False, draws: int = 1,
+) -> tuple[Tensor, Tensor, Tensor, dict]:
+    """Per-class full-covariance Gaussian in the flow's logit space, evaluated on test like the flow.
+
     log p(x|k) = log N(h; mu_k, S_k + r I) + log|dh/dx| - D log L with h = logit(a + (1-2a)(x+u)/L).
     mu_k, S_k from `copies` dequantised copies of train; r = the first of `ridges` with the least
     validation bits/dim; test uses one noise draw per example. With `refit_on_val` the Gaussian is
@@ -142,8 +114,9 @@ def gaussian_baseline(
     (importance-weighted over dequantisation draws; the S - 1 extra draws come last, so draws=1
     results are unchanged).
 
-    Returns {"method", "accuracy", "bpd_conditional", "bpd_marginal", "ece", "ridge", "n",
-    "val_accuracy", "val_bpd_conditional" (at the chosen ridge; None when refit on val)}.
+    Returns (log p(x|k) on test (N, K) float64, test labels (N,), log p(k) (K,), info) with info =
+    {"method", "ridge", "dim", "val_accuracy", "val_bpd_conditional"}: the per-image table lets
+    callers compare predictions image by image (benchmarks/digits_splits.py).
     """
     if data.levels is None:
         raise ValueError("the logit-space Gaussian needs quantised data (integer levels); this data set is "
@@ -183,12 +156,10 @@ def gaussian_baseline(
         h, ld = noisy(x_te)
         tables.append(gaussian_log_likelihoods(h, fit, best) + ld[:, None])
     table = torch.logsumexp(torch.stack(tables), 0) - math.log(draws)
-    test = _table_metrics(table, y_te, log_py, dim)
-    return {
-        "method": method, **test, "ridge": best, "n": len(y_te), "draws": draws,
-        "val_accuracy": None if refit_on_val else val[best]["accuracy"],
-        "val_bpd_conditional": None if refit_on_val else val[best]["bpd_conditional"],
-    }
+    info = {"method": method, "ridge": best, "dim": dim,
+            "val_accuracy": None if refit_on_val else val[best]["accuracy"],
+            "val_bpd_conditional": None if refit_on_val else val[best]["bpd_conditional"]}
+    return table, y_te, log_py, info
 
 
 # -- sklearn classifiers -------------------------------------------------------------------------------

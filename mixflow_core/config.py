@@ -45,11 +45,14 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class PriorConfig:
-    """Class-conditional Gaussian p(z|y) = N(mu_y, diag(sigma_y^2)) over all latent dims."""
+    """Class-conditional Gaussian p(z|y) = N(mu_y, Sigma_y) over all latent dims."""
 
-    init: Literal["separated", "orthogonal", "zeros", "seed"] = "separated"
+    # moments: data-dependent, set by fit from the class means and covariances of the initial flow's training latents
+    init: Literal["separated", "orthogonal", "zeros", "seed", "moments"] = "separated"
     learn_means: bool = False  # FlowGMM keeps means fixed
-    learn_scales: bool = False  # False: sigma = 1 (Sigma = I)
+    learn_scales: bool = False  # False: sigma = 1 (Sigma = I), except init "moments", which fixes them from the data
+    covariance: Literal["diagonal", "full"] = "diagonal"  # Sigma_y = diag(sigma_y^2), or L_y L_y^T (L_y lower-triangular)
+    moments_ridge: float = 0.03  # init "moments": added to every latent variance (the Gaussian baseline's ridge on digits)
     radius: float = 1.0  # separated: mu_k = radius * randn(D)
     separation: float = 5.0  # orthogonal: pairwise distance between means, in units of sigma
     class_prior: Literal["empirical", "uniform"] = "empirical"  # p(y): class frequencies or 1/K
@@ -58,6 +61,11 @@ class PriorConfig:
     def __post_init__(self) -> None:
         if self.radius <= 0 or self.separation <= 0:
             raise ValueError(f"radius and separation must be positive, got {self.radius}, {self.separation}")
+        if self.moments_ridge < 0:
+            raise ValueError(f"moments_ridge must be >= 0, got {self.moments_ridge}")
+        if self.covariance == "full" and not (self.learn_scales or self.init == "moments"):
+            raise ValueError("covariance='full' with fixed scales is Sigma = I: learn them (learn_scales=True) "
+                             "or set them from the data (init='moments')")
 
 
 _C = TypeVar("_C")

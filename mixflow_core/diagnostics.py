@@ -1,6 +1,6 @@
 """Class overlap in latent space: where the data land, and how far apart the class Gaussians are.
 
-For two diagonal Gaussians N(mu_1, S_1), N(mu_2, S_2) with S = (S_1 + S_2) / 2:
+For two Gaussians N(mu_1, S_1), N(mu_2, S_2) (diagonal or full) with S = (S_1 + S_2) / 2:
 - distance in sigma units (ClassConditionalGaussian.mean_distances, Mahalanobis under the
   average covariance): d = sqrt((mu_1 - mu_2)^T S^{-1} (mu_1 - mu_2));
 - Bhattacharyya distance D_B = d^2 / 8 + 1/2 ln(det S / sqrt(det S_1 det S_2)), and the
@@ -29,26 +29,20 @@ def latents(model: MixtureFlow, data: Dataset, batch_size: int = 500, device: st
     return over_dataset(model, data, lambda x: model.encode(x)[0], batch_size, device)
 
 
-def _variances(prior: ClassConditionalGaussian) -> tuple[Tensor, Tensor]:
-    means = prior.means.detach().double().cpu()
-    return means, torch.exp(2 * prior.log_scales.detach().double().cpu())  # (K, D) each
-
-
 def bhattacharyya(prior: ClassConditionalGaussian) -> Tensor:
-    """(K, K) Bhattacharyya coefficients exp(-D_B) between the class Gaussians (diagonal 1)."""
-    _, var = _variances(prior)
-    avg = 0.5 * (var[:, None, :] + var[None, :, :])
-    log_det = torch.log(var).sum(-1)  # (K,)
-    log_det_term = 0.5 * (torch.log(avg).sum(-1) - 0.5 * (log_det[:, None] + log_det[None, :]))
-    d_b = prior.mean_distances().detach().double().cpu() ** 2 / 8 + log_det_term
+    """(K, K) Bhattacharyya coefficients exp(-D_B) between the class Gaussians (diagonal 1), diagonal or full."""
+    with torch.no_grad():
+        d2, log_det_avg = (t.double().cpu() for t in prior.pair_statistics())
+        log_det = prior.log_det_covariances().double().cpu()  # (K,)
+    d_b = d2 / 8 + 0.5 * (log_det_avg - 0.5 * (log_det[:, None] + log_det[None, :]))
     return torch.exp(-d_b)
 
 
 def nearer_other_fraction(z: Tensor, y: Tensor, prior: ClassConditionalGaussian) -> float:
-    """Fraction of latents whose nearest class mean (in that class's sigma units) is not their own class's."""
-    means, var = _variances(prior)
-    d2 = (((z.double()[:, None, :] - means[None]) ** 2) / var[None]).sum(-1)  # (N, K)
-    return float((d2.argmin(1) != y).double().mean())
+    """Fraction of latents whose nearest class mean (Mahalanobis, in that class's covariance) is not their own class's."""
+    with torch.no_grad():
+        d2 = prior.mahalanobis_sq(z.to(prior.means)).cpu()  # (N, K)
+    return float((d2.argmin(1) != y.cpu()).double().mean())
 
 
 def off_diagonal(m: Tensor) -> Tensor:

@@ -225,8 +225,12 @@ def mean_projection(means: np.ndarray) -> np.ndarray:
 
 
 def _projected_ellipse(mean: np.ndarray, scale: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, float, float, float]:
-    """N(mu, diag(s^2)) under z -> P z: centre P mu, major/minor std devs and major-axis angle (degrees)."""
-    cov = (p * scale**2) @ p.T  # (2, 2) = P diag(s^2) P^T
+    """N(mu, L L^T) under z -> P z: centre P mu, major/minor std devs and major-axis angle (degrees).
+
+    `scale`: (D,) std devs (L = diag(s)) or a (D, D) factor L.
+    """
+    pl = p * scale if scale.ndim == 1 else p @ scale  # (2, D) = P L
+    cov = pl @ pl.T  # (2, 2) = P L L^T P^T
     evals, evecs = np.linalg.eigh(cov)  # ascending
     major = evecs[:, 1]
     angle = math.degrees(math.atan2(major[1], major[0]))
@@ -240,11 +244,12 @@ def _class_legend(fig: Figure, class_names: Sequence[str], colors: list, marker:
 
 
 def fig_gaussian_ellipses(panels: list[dict], class_names: list[str], projection: np.ndarray) -> Figure:
-    """Each class Gaussian N(mu_k, diag(s_k^2)) projected by P: 1- and 2-sigma ellipses, mean as x, latents as dots.
+    """Each class Gaussian N(mu_k, Sigma_k) projected by P: 1- and 2-sigma ellipses, mean as x, latents as dots.
 
-    The projection is exact: centre P mu_k, covariance P diag(s_k^2) P^T (2x2), ellipse axes
+    The projection is exact: centre P mu_k, covariance P Sigma_k P^T (2x2), ellipse axes
     2 r sqrt(eigenvalue) for r = 1, 2. One subplot per panel dict {"title", "means" (K, D),
-    "scales" (K, D) std devs, optional "z" (N, D) and "y" (N,)}; use one P for all panels to compare them.
+    "scales" (K, D) std devs (Sigma_k = diag(s_k^2)) or (K, D, D) factors L_k (Sigma_k = L_k L_k^T),
+    optional "z" (N, D) and "y" (N,)}; use one P for all panels to compare them.
     """
     p = _np(projection)
     colors = class_colors(len(class_names))

@@ -11,9 +11,11 @@ A run directory holds
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +30,7 @@ from .profiles import RunConfig, apply_overrides
 __all__ = [
     "RunError", "one_line", "CONFIG", "HISTORY", "METRICS", "RESUMABLE", "parse_set", "read_config_file", "config_diff",
     "dataset_info", "check_same_data", "write_json", "write_config", "read_config", "find_checkpoint", "resolve_device",
-    "load_run_model", "evaluate_seeded", "merge_config", "train_run", "ensure_run", "read_json",
+    "load_run_model", "evaluate_seeded", "seeded_rng", "merge_config", "train_run", "ensure_run", "read_json",
 ]
 
 CONFIG, HISTORY, METRICS = "config.json", "history.json", "metrics.json"
@@ -216,9 +218,16 @@ def evaluate_seeded(
     The same seed gives the same numbers for the same weights and device, so `mixflow evaluate`
     reproduces the metrics.json that `mixflow train` wrote.
     """
+    with seeded_rng(seed, device):
+        return evaluate(model, data, batch_size, device, draws)
+
+
+@contextlib.contextmanager
+def seeded_rng(seed: int, device: torch.device) -> Iterator[None]:
+    """Inside: the global RNG (and the device's, on CUDA) seeded with `seed`; after: restored as before."""
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        return evaluate(model, data, batch_size, device, draws)
+        yield
 
 
 def merge_config(base: RunConfig, overrides: dict[str, Any]) -> RunConfig:

@@ -124,7 +124,9 @@ def gaussian_panel(model: MixtureFlow, data: Dataset, title: str, batch_size: in
     return {
         "title": title,
         "means": prior.means.detach().double().cpu().numpy(),
-        "scales": torch.exp(prior.log_scales.detach().double().cpu()).expand_as(prior.means).numpy(),
+        # std devs (K, D), or the factors L_k (K, D, D) of full covariances
+        "scales": (prior.scale_tril() if prior.full else torch.exp(prior.log_scales).expand_as(prior.means))
+        .detach().double().cpu().numpy(),
         "z": z.double().numpy(),
         "y": y.numpy(),
     }

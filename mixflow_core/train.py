@@ -36,6 +36,7 @@ from .data import Splits
 from .diagnostics import bhattacharyya, off_diagonal
 from .model import MixtureFlow
 from .objectives import make_objective
+from .priors import class_moments
 
 __all__ = ["TrainConfig", "History", "fit", "NonFiniteLossError", "CheckpointError", "load_checkpoint", "inverse_error",
            "snapshot_path"]
@@ -182,6 +183,31 @@ def _init_actnorm(model: MixtureFlow, data: Dataset, batch_size: int, device: to
         model.log_prob_all(x)
 
 
+def _init_prior(model: MixtureFlow, data: Dataset, batch_size: int, device: torch.device, max_examples: int = 20000) -> None:
+    """PriorConfig.init="moments": mu_k, Sigma_k from the initial flow's latents of (up to max_examples) training examples.
+
+    Runs after the ActNorm init, in eval mode: one fixed flow for every batch (in train mode the
+    spectral norms' power iterations would move between batches), with dequantisation noise as in
+    training. Under torchrun ranks differ by their noise; DistributedDataParallel then broadcasts
+    rank 0's prior.
+    """
+    n = len(data)
+    gen = torch.Generator().manual_seed(model.prior.cfg.init_seed)
+    idx = torch.randperm(n, generator=gen)[:max_examples].tolist() if n > max_examples else list(range(n))
+    model.eval()
+
+    def batches():
+        for start in range(0, len(idx), batch_size):
+            items = [data[i] for i in idx[start:start + batch_size]]
+            x = torch.stack([a for a, _ in items]).to(device)
+            yield model.encode(x)[0].double().cpu(), torch.as_tensor([int(b) for _, b in items])
+
+    with torch.no_grad():
+        moments = class_moments(batches(), model.prior.num_classes)
+    model.prior.init_from_moments(moments.means.to(device), moments.covs.to(device))
+    model.train()
+
+
 @torch.no_grad()
 def _validate(model: MixtureFlow, data: Dataset, cfg: TrainConfig, objective, ctx: _Dist, device: torch.device) -> dict[str, float]:
     """Loss, conditional bits/dim and accuracy on this rank's shard, summed over ranks."""
@@ -325,6 +351,8 @@ def fit(
             start_epoch = cfg.epochs  # that run had converged; a time-budget stop continues with a fresh budget
     else:
         _init_actnorm(model, data.train, cfg.batch_size, device)
+        if model.prior.needs_data_init:
+            _init_prior(model, data.train, cfg.eval_batch_size, device)
 
     net: nn.Module = model
     if ctx.world > 1:
