@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["project_root", "project_path", "NOTEBOOKS", "ReportError", "Step", "plan", "execute", "run_report",
+__all__ = ["project_root", "project_path", "project_relative", "NOTEBOOKS", "ReportError", "Step", "plan", "execute", "run_report",
            "default_figures_dir", "FigureLog"]
 
 
@@ -33,6 +33,15 @@ def project_path(path: str | Path | None) -> Path | None:
         return None
     p = Path(path).expanduser()
     return p if p.is_absolute() else project_root() / p
+
+
+def project_relative(path: str | Path) -> str:
+    """`path` relative to project_root() when it lies inside it (committed files stay machine-independent), else absolute."""
+    p, root = Path(path).expanduser().resolve(), project_root()
+    try:
+        return p.relative_to(root).as_posix()
+    except ValueError:
+        return str(p)
 
 
 # -- the notebook sequence -----------------------------------------------------------------------
@@ -123,6 +132,9 @@ def execute(step: Step, kernel_name: str = KERNEL, stream: bool = False) -> floa
             str(source), str(step.output), parameters=step.parameters, kernel_name=kernel_name,
             cwd=str(source.parent), progress_bar=False,
             stdout_file=sys.stdout if stream else None, stderr_file=sys.stderr if stream else None,
+            # the kernel's own log at ERROR: ipykernel 7 warns once per kernel that its local TCP sockets are not
+            # encrypted; warnings raised in cells still reach the output
+            extra_arguments=["--IPKernelApp.log_level=ERROR"],
         )
     except PapermillExecutionError as err:
         raise ReportError(

@@ -263,3 +263,13 @@ def test_parameter_defaults_point_where_make_report_writes():
             if key in defaults and key in planned[0]:
                 expected = {str(Path(p[key]).relative_to(ROOT)) for p in planned}
                 assert defaults[key] in expected, f"{path.name}: {key} = {defaults[key]!r}, make report writes {expected}"
+
+
+def test_project_relative_paths_inside_the_project_are_relative(tmp_path, monkeypatch):
+    """Committed JSON (figures/results.json) must not carry this machine's absolute paths."""
+    root = report.project_root(Path(__file__).parent)
+    monkeypatch.chdir(root / "notebooks")  # project_root() searches upward from the cwd
+    assert report.project_relative(root / "runs" / "report" / "x") == "runs/report/x"
+    assert report.project_relative("../figures/results.md") == "figures/results.md"
+    outside = tmp_path / "elsewhere"
+    assert report.project_relative(outside) == str(outside.resolve())
