@@ -26,7 +26,7 @@ __all__ = ["latents", "off_diagonal", "bhattacharyya", "nearer_other_fraction", 
 
 def latents(model: MixtureFlow, data: Dataset, batch_size: int = 500, device: str | torch.device = "cpu") -> tuple[Tensor, Tensor]:
     """Flattened latents z = f(h(x)) (N, D) and labels (N,), eval mode, on the CPU."""
-    return over_dataset(model, data, lambda x: model.encode(x)[0], batch_size, device)
+    return over_dataset(model, data, model.latent, batch_size, device)
 
 
 def bhattacharyya(prior: ClassConditionalGaussian) -> Tensor:

@@ -88,6 +88,10 @@ class ResidualBlock(Flow):
         gx, logdet = estimator(self.g, x)
         return x + gx, logdet
 
+    def transform(self, x: Tensor) -> Tensor:
+        """x + g(x) without the log-det estimate."""
+        return x + self.g(x)
+
     def inverse(self, z: Tensor) -> Tensor:
         x, info = fixed_point_inverse(self.g, z, self.inverse_tol, self.inverse_max_iter)
         self.last_inverse = info

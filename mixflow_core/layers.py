@@ -22,6 +22,10 @@ class Flow(nn.Module):
     def inverse(self, z: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def transform(self, x: Tensor) -> Tensor:
+        """z = f(x) alone, without the log-determinant (layers whose log-det is costly override this)."""
+        return self.forward(x)[0]
+
     def output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
         """Per-sample shape of z for a per-sample x of `input_shape` (identity by default)."""
         return tuple(input_shape)
@@ -41,6 +45,8 @@ class FlowSequence(Flow):
             if direction == "forward":
                 x, ld = layer(x)
                 logdet = logdet + ld
+            elif direction == "transform":
+                x = layer.transform(x)
             else:
                 x = layer.inverse(x)
         return x, logdet
@@ -50,6 +56,9 @@ class FlowSequence(Flow):
 
     def inverse(self, z: Tensor) -> Tensor:
         return self._cascade(z, list(self.layers)[::-1], "inverse")[0]
+
+    def transform(self, x: Tensor) -> Tensor:
+        return self._cascade(x, list(self.layers), "transform")[0]
 
     def output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
         shape = tuple(input_shape)

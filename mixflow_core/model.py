@@ -126,6 +126,12 @@ class MixtureFlow(nn.Module):
         z, logdet_flow = self.flow(h)
         return z.flatten(1), logdet_pre + logdet_flow
 
+    def latent(self, x: Tensor) -> Tensor:
+        """z = f(h(x)) flattened (B, D), without any log-determinant: encode(x)[0] at a fraction of the cost."""
+        self._check_x(x)
+        h, _ = self.preprocess(x.to(self.prior.means.dtype))
+        return self.flow.transform(h).flatten(1)
+
     def log_prob_all(self, x: Tensor) -> Tensor:
         """log p(x | k) for every class k: (B, ...) -> (B, K)."""
         z, logdet = self.encode(x)

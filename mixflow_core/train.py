@@ -200,7 +200,7 @@ def _init_prior(model: MixtureFlow, data: Dataset, batch_size: int, device: torc
         for start in range(0, len(idx), batch_size):
             items = [data[i] for i in idx[start:start + batch_size]]
             x = torch.stack([a for a, _ in items]).to(device)
-            yield model.encode(x)[0].double().cpu(), torch.as_tensor([int(b) for _, b in items])
+            yield model.latent(x).double().cpu(), torch.as_tensor([int(b) for _, b in items])
 
     with torch.no_grad():
         moments = class_moments(batches(), model.prior.num_classes)

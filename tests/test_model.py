@@ -368,3 +368,23 @@ def test_continuous_model_density_against_jacobian_and_scipy():
         for k in range(3):
             want = multivariate_normal.logpdf(z[i].numpy(), mu[k], np.diag(sig[k] ** 2)) + jac_logdet
             assert log_all[i, k] == pytest.approx(want, abs=1e-10)
+
+
+@pytest.mark.parametrize("arch", ["mlp", "conv"])
+def test_latent_is_encode_without_the_log_det(arch):
+    """model.latent(x) = encode(x)[0]: the same dequantisation draw, the same flow, no log-det work.
+
+    Eval mode: in train mode the log-det estimator runs g with grad on, which advances the spectral
+    norms' power iterations, so two train-mode passes do not see the same weights."""
+    model = mlp_model(d=6) if arch == "mlp" else conv_model()
+    x = levels_data((6,) if arch == "mlp" else (1, 8, 8), 17 if arch == "mlp" else 256, n=5)
+    warm_up(model, x)
+    with torch.no_grad():
+        torch.manual_seed(3)
+        z = model.latent(x)
+        torch.manual_seed(3)
+        want = model.encode(x)[0]
+    assert z.shape == (5, model.dim)
+    torch.testing.assert_close(z, want, rtol=0, atol=1e-12)
+    torch.manual_seed(4)  # another noise draw: another latent (the check above is not vacuous)
+    assert not torch.allclose(model.latent(x), z)
