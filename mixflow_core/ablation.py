@@ -11,7 +11,8 @@ seeds and budget (epochs, time, no early stopping). Every variant is evaluated t
 test accuracy, conditional bits/dim *with* uniform dequantisation (a valid bound even for a
 model trained without noise), ECE, and overlap diagnostics of the class Gaussians.
 Rows are written to out_dir/ablation.json and .md after every run, and a rerun skips rows
-already there, so an interrupted ablation loses at most one run.
+already there with the same configuration (a row whose configuration changed, e.g. the combined
+fix after a profile change, is run again and replaced), so an interrupted ablation loses at most one run.
 """
 
 from __future__ import annotations
@@ -124,7 +125,7 @@ def ablate(
     out.mkdir(parents=True, exist_ok=True)
     path = out / "ablation.json"
     rows: list[dict[str, Any]] = json.loads(path.read_text())["rows"] if path.exists() else []
-    done = {(r["variant"], r["seed"]) for r in rows}
+    done = {(r["variant"], r["seed"]): i for i, r in enumerate(rows)}
     data = load_data(base.data)
     dim = math.prod(data.data_shape)
     seed_cfg = seed_config(base)
@@ -133,15 +134,27 @@ def ablate(
             continue
         cfg = base if variant.combined else apply_overrides(seed_cfg, variant.overrides)
         for seed in seeds:
-            if (variant.name, seed) in done:
-                continue
-            logger.info("ablation: %s (seed %d)", variant.name, seed)
             run_cfg = _budget(cfg, epochs, max_minutes, seed)
+            key = (variant.name, seed)
+            if key in done and _same_config(rows[done[key]], run_cfg):
+                continue
+            logger.info("ablation: %s (seed %d)%s", variant.name, seed, " (its configuration changed)" if key in done else "")
             row = {"variant": variant.name, "factor": variant.factor, "seed": seed, **_run_one(run_cfg, data, seed)}
             row["config"] = run_cfg.to_dict()
-            rows.append(row)
+            if key in done:
+                rows[done[key]] = row  # a stale row (the profile changed since): replaced in place
+            else:
+                rows.append(row)
             _write(out, rows, base, seeds, epochs, max_minutes)
     return rows
+
+
+def _same_config(row: dict[str, Any], cfg: RunConfig) -> bool:
+    """Whether a saved row was run with `cfg` (fields added to the configs since then take their defaults)."""
+    try:
+        return RunConfig.from_dict(row.get("config") or {}) == cfg
+    except (TypeError, ValueError):  # a field since removed or renamed: run it again
+        return False
 
 
 _COLUMNS = [("accuracy", "test acc", ".3f"), ("bpd_conditional", "bpd", ".4g"), ("ece", "ECE", ".3f"),

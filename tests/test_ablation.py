@@ -73,6 +73,13 @@ def test_ablation_runs_every_variant_and_resumes(tmp_path) -> None:
     assert rows[0]["config"]["train"]["epochs"] == rows[-1]["config"]["train"]["epochs"] == 1
     again = ablate(base, tmp_path, seeds=(0,), epochs=1)  # nothing left to do: rows come back unchanged
     assert again == rows
+    # the profile changes (as the combined fix's does when a profile is retuned): only its row is run again,
+    # in place; the seed and the one-factor rows are derived by overrides that fix those fields, so they stay
+    changed = apply_overrides(base, {"prior.init": "moments", "prior.learn_scales": True})
+    third = ablate(changed, tmp_path, seeds=(0,), epochs=1)
+    assert [r["variant"] for r in third] == names
+    assert third[:-1] == rows[:-1]
+    assert third[-1]["config"]["prior"]["init"] == "moments" and rows[-1]["config"]["prior"]["init"] == "separated"
 
 
 def test_ablate_command_line(tmp_path, capsys) -> None:
