@@ -149,12 +149,22 @@ def ablate(
     return rows
 
 
+def _effective(cfg: RunConfig) -> RunConfig:
+    """`cfg` with the loss weights its objective does not use set to their defaults (beta outside hybrid,
+    push_lambda outside push_away): two configs that train identically compare equal."""
+    t, default = cfg.train, type(cfg.train)()
+    beta = t.beta if t.objective == "hybrid" else default.beta
+    push = t.push_lambda if t.objective == "push_away" else default.push_lambda
+    return replace(cfg, train=replace(t, beta=beta, push_lambda=push))
+
+
 def _same_config(row: dict[str, Any], cfg: RunConfig) -> bool:
-    """Whether a saved row was run with `cfg` (fields added to the configs since then take their defaults)."""
+    """Whether a saved row was run with (effectively) `cfg`; fields added to the configs since take their defaults."""
     try:
-        return RunConfig.from_dict(row.get("config") or {}) == cfg
+        saved = RunConfig.from_dict(row.get("config") or {})
     except (TypeError, ValueError):  # a field since removed or renamed: run it again
         return False
+    return _effective(saved) == _effective(cfg)
 
 
 _COLUMNS = [("accuracy", "test acc", ".3f"), ("bpd_conditional", "bpd", ".4g"), ("ece", "ECE", ".3f"),

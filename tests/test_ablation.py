@@ -75,11 +75,13 @@ def test_ablation_runs_every_variant_and_resumes(tmp_path) -> None:
     assert again == rows
     # the profile changes (as the combined fix's does when a profile is retuned): only its row is run again,
     # in place; the seed and the one-factor rows are derived by overrides that fix those fields, so they stay
-    changed = apply_overrides(base, {"prior.init": "moments", "prior.learn_scales": True})
+    # (a beta the seed's push-away loss does not use does not make its rows stale either)
+    changed = apply_overrides(base, {"prior.init": "moments", "prior.learn_scales": True, "train.beta": 3.0})
     third = ablate(changed, tmp_path, seeds=(0,), epochs=1)
     assert [r["variant"] for r in third] == names
     assert third[:-1] == rows[:-1]
     assert third[-1]["config"]["prior"]["init"] == "moments" and rows[-1]["config"]["prior"]["init"] == "separated"
+    assert third[0]["config"]["train"]["beta"] != 3.0  # the seed row kept its saved config (its beta unused)
 
 
 def test_ablate_command_line(tmp_path, capsys) -> None:

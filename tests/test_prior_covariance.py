@@ -14,7 +14,7 @@ from matplotlib.patches import Ellipse
 from scipy.stats import multivariate_normal
 from torch import nn
 
-from mixflow_core import ClassConditionalGaussian, MixtureFlow, PriorConfig, build_model
+from mixflow_core import ClassConditionalGaussian, MixtureFlow, ModelConfig, PriorConfig, build_model
 from mixflow_core.data import DataConfig, Splits, load_data
 from mixflow_core.diagnostics import bhattacharyya, latents, nearer_other_fraction
 from mixflow_core.plotting import _projected_ellipse, fig_gaussian_ellipses
@@ -677,3 +677,26 @@ def test_gaussian_panel_scales_are_the_factors_of_the_prior(covariance):
     covs = model.prior.covariances().detach().numpy()
     for c in range(k):
         np.testing.assert_allclose(_ellipse_cov(ellipses[f"{c}:1"]), covs[c], rtol=0, atol=1e-10)
+
+
+def test_moments_init_of_a_conv_image_model():
+    """The Fashion-MNIST default's prior (moments, learned diagonal) on a multi-scale conv model: the init equals
+    the class moments of the initial flow's flattened latents (deterministic preprocessing, eval mode)."""
+    torch.manual_seed(0)
+    model_cfg = ModelConfig(arch="conv", hidden=(4,), n_blocks=1, n_scales=2, dequantize=False)
+    prior_cfg = PriorConfig(init="moments", learn_means=True, learn_scales=True)
+    k, n = 3, 60
+    model = build_model((1, 8, 8), k, 256, model_cfg, prior_cfg)
+    x = torch.randint(0, 256, (n, 1, 8, 8)).double()
+    y = torch.arange(n) % k
+    data = torch.utils.data.TensorDataset(x, y)
+    _init_actnorm(model, data, 32, CPU)
+    _init_prior(model, data, 25, CPU)
+    assert not model.prior.needs_data_init
+    model.eval()
+    with torch.no_grad():
+        z = model.encode(x)[0].numpy()
+    means, covs = class_moments_np(z, y.numpy(), k)
+    np.testing.assert_allclose(model.prior.means.detach().numpy(), means, rtol=0, atol=1e-10)
+    var = np.diagonal(covs, axis1=1, axis2=2) + prior_cfg.moments_ridge
+    np.testing.assert_allclose(torch.exp(2 * model.prior.log_scales).detach().numpy(), var, rtol=1e-10, atol=0)
