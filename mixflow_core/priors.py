@@ -245,10 +245,10 @@ class ClassConditionalGaussian(nn.Module):
             var = torch.exp(2 * self.log_scales)  # (K, D)
             avg = 0.5 * (var[:, None, :] + var[None, :, :])  # (K, K, D)
             return ((self.means[:, None, :] - self.means[None, :, :]) ** 2 / avg).sum(-1), torch.log(avg).sum(-1)
-        cov = self.covariances()
+        cov, own = self.covariances(), self.log_det_covariances()
         k = self.num_classes
         d2 = [[self.means.new_zeros(()) for _ in range(k)] for _ in range(k)]
-        logdet = [[self.log_det_covariances()[j] if j == i else None for j in range(k)] for i in range(k)]
+        logdet = [[own[i] if j == i else None for j in range(k)] for i in range(k)]
         for i in range(k):  # one pair at a time: memory D x D, not K x K x D x D
             for j in range(i + 1, k):
                 chol = torch.linalg.cholesky(0.5 * (cov[i] + cov[j]))

@@ -29,11 +29,11 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from tqdm.auto import tqdm
 
 from .data import Splits
-from .diagnostics import bhattacharyya, off_diagonal
+from .diagnostics import bhattacharyya, latents, off_diagonal
 from .model import MixtureFlow
 from .objectives import make_objective
 from .priors import class_moments
@@ -192,20 +192,12 @@ def _init_prior(model: MixtureFlow, data: Dataset, batch_size: int, device: torc
     rank 0's prior.
     """
     n = len(data)
-    gen = torch.Generator().manual_seed(model.prior.cfg.init_seed)
-    idx = torch.randperm(n, generator=gen)[:max_examples].tolist() if n > max_examples else list(range(n))
-    model.eval()
-
-    def batches():
-        for start in range(0, len(idx), batch_size):
-            items = [data[i] for i in idx[start:start + batch_size]]
-            x = torch.stack([a for a, _ in items]).to(device)
-            yield model.latent(x).double().cpu(), torch.as_tensor([int(b) for _, b in items])
-
-    with torch.no_grad():
-        moments = class_moments(batches(), model.prior.num_classes)
+    if n > max_examples:
+        gen = torch.Generator().manual_seed(model.prior.cfg.init_seed)
+        data = Subset(data, torch.randperm(n, generator=gen)[:max_examples].tolist())
+    z, y = latents(model, data, batch_size, device)  # eval mode, then back to the model's mode
+    moments = class_moments([(z, y)], model.prior.num_classes)
     model.prior.init_from_moments(moments.means.to(device), moments.covs.to(device))
-    model.train()
 
 
 @torch.no_grad()
