@@ -1,6 +1,6 @@
 """Digits quality: the mixture flow's test accuracy and bits/dim against baselines on the fixed split.
 
-Baselines (same run, same split load_data(DataConfig("digits", seed=0))), from mixflow_core.baselines:
+Baselines (same run, same split load_data(DataConfig("digits", seed=0))), from mixflow_core.eval.baselines:
 - per-class full-covariance Gaussian in the flow's own logit space: h = logit(a + (1-2a)(x+u)/17),
   u ~ U[0,1)^64, a = 0.05; log p(x|y) = log N(h; mu_y, S_y + r I) + log|dh/dy| - 64 log 17, exactly
   the density the flow's LogitPreprocess assembles, so its bits/dim is comparable. mu, S from
@@ -32,15 +32,15 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import header, loadavg, table  # noqa: E402
 
-from mixflow_core.baselines import SKLEARN_GRIDS, gaussian_baseline, sklearn_baselines  # noqa: E402
+from mixflow_core.eval.baselines import SKLEARN_GRIDS, gaussian_baseline, sklearn_baselines  # noqa: E402
 from mixflow_core.data import DataConfig, load_data  # noqa: E402
-from mixflow_core.metrics import evaluate  # noqa: E402
-from mixflow_core.model import build_model  # noqa: E402
-from mixflow_core.profiles import apply_overrides, get_profile  # noqa: E402
-from mixflow_core.runs import parse_set  # noqa: E402
+from mixflow_core.eval.metrics import evaluate  # noqa: E402
+from mixflow_core.flows.model import build_model  # noqa: E402
+from mixflow_core.training.profiles import apply_overrides, get_profile  # noqa: E402
+from mixflow_core.training.runs import parse_set  # noqa: E402
 
 
-# -- baselines (mixflow_core.baselines), as rows of this benchmark's table -------------------------------
+# -- baselines (mixflow_core.eval.baselines), as rows of this benchmark's table -------------------------------
 SKLEARN_METHODS = ("qda", "logistic", "svc")
 
 
@@ -68,7 +68,7 @@ def train_flow(cfg, data, seed: int, eval_logdet: str) -> dict:
     cfg = apply_overrides(cfg, {"train.seed": seed, "train.progress": False, "model.eval_logdet": eval_logdet})
     torch.manual_seed(seed)
     model = build_model(data.data_shape, data.num_classes, data.levels, cfg.model, cfg.prior, data.class_counts())
-    from mixflow_core.train import fit
+    from mixflow_core.training.fit import fit
 
     load0, w0, c0 = loadavg(), time.perf_counter(), time.process_time()
     history = fit(model, data, cfg.train)
@@ -78,7 +78,7 @@ def train_flow(cfg, data, seed: int, eval_logdet: str) -> dict:
     test = evaluate(model, data.test)
     eval_s = time.perf_counter() - t0
     val = evaluate(model, data.val)
-    from mixflow_core.lipschitz import operator_norm, spectral_layers
+    from mixflow_core.flows.lipschitz import operator_norm, spectral_layers
 
     max_sigma = max(operator_norm(layer) for layer in spectral_layers(model))  # constraint coeff per layer
     return {

@@ -37,11 +37,11 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import header, table  # noqa: E402
 
-from mixflow_core.baselines import gaussian_test_table  # noqa: E402
+from mixflow_core.eval.baselines import gaussian_test_table  # noqa: E402
 from mixflow_core.data import load_data  # noqa: E402
-from mixflow_core.metrics import bits_per_dim, log_likelihood_table  # noqa: E402
-from mixflow_core.profiles import apply_overrides, get_profile  # noqa: E402
-from mixflow_core.runs import ensure_run, load_run_model, parse_set, read_json, seeded_rng  # noqa: E402
+from mixflow_core.eval.metrics import bits_per_dim, log_likelihood_table  # noqa: E402
+from mixflow_core.training.profiles import apply_overrides, get_profile  # noqa: E402
+from mixflow_core.training.runs import ensure_run, load_run_model, parse_set, read_json, seeded_rng  # noqa: E402
 
 
 def split_config(split: int, profile: str, overrides: dict):

@@ -28,12 +28,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import header, loadavg, table  # noqa: E402
 
 from mixflow_core.data import load_data  # noqa: E402
-from mixflow_core.metrics import evaluate  # noqa: E402
-from mixflow_core.model import build_model  # noqa: E402
-from mixflow_core.objectives import make_objective  # noqa: E402
-from mixflow_core.profiles import apply_overrides, get_profile  # noqa: E402
-from mixflow_core.train import fit  # noqa: E402
-from mixflow_core.runs import parse_set  # noqa: E402
+from mixflow_core.eval.metrics import evaluate  # noqa: E402
+from mixflow_core.flows.model import build_model  # noqa: E402
+from mixflow_core.flows.objectives import make_objective  # noqa: E402
+from mixflow_core.training.profiles import apply_overrides, get_profile  # noqa: E402
+from mixflow_core.training.fit import fit  # noqa: E402
+from mixflow_core.training.runs import parse_set  # noqa: E402
 
 
 def run(cfg, label: str, test_limit: int, seed: int = 0) -> dict:

@@ -20,7 +20,7 @@ import torch
 from sklearn.datasets import load_digits
 
 from mixflow_core import ActNorm, Exact, ModelConfig, PowerSeries, PriorConfig, ResidualBlock, RussianRoulette, build_model
-from mixflow_core.objectives import likelihood
+from mixflow_core.flows.objectives import likelihood
 
 
 def blocks(model) -> list[ResidualBlock]:

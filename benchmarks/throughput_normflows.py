@@ -44,14 +44,13 @@ from _common import header, loadavg, table  # noqa: E402
 
 from mixflow_core import ModelConfig, PriorConfig, build_model  # noqa: E402
 from mixflow_core.data import DataConfig, load_data  # noqa: E402
-from mixflow_core.objectives import likelihood  # noqa: E402
+from mixflow_core.flows.objectives import likelihood  # noqa: E402
 
 ALPHA, LEVELS = 0.05, 17
 
 
 def ours(power_rtol: float | None, neumann: bool, class_counts: torch.Tensor):
-    cfg = ModelConfig(arch="mlp", hidden=(128, 128), n_blocks=10, coeff=0.9, n_terms=5, n_probes=1,
-                      power_rtol=power_rtol, neumann_gradient=neumann)
+    cfg = ModelConfig(arch=MLP(hidden=(128, 128), n_blocks=10), logdet=PowerSeries(n_probes=1, neumann_gradient=neumann, n_terms=5), coeff=0.9, power_rtol=power_rtol)
     model = build_model((64,), 10, LEVELS, cfg, PriorConfig(init="separated"), class_counts)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import matplotlib.image
 import pytest
 
-from mixflow_core.__main__ import main
-from mixflow_core.runs import read_config_file
+from mixflow_core.cli import main
+from mixflow_core.training.runs import read_config_file
 
 # Deterministic evaluation: bin midpoints instead of dequantisation noise, exact log-det instead
 # of Hutchinson probes, so train's metrics.json and `evaluate` must agree to rounding error.
@@ -74,27 +74,28 @@ def test_train_digits_writes_run_directory(tmp_path, capsys):
 def test_overrides_land_in_config_json_with_precedence(tmp_path, monkeypatch):
     """profile < --config file < --set < --seed; the default run directory is runs/<dataset>-<profile>-seed<N>."""
     monkeypatch.chdir(tmp_path)
-    file_cfg = {"model": {"hidden": [16], "n_blocks": 3}, "train": {"lr": 0.002, "seed": 1}}
+    file_cfg = {"model": {"arch": {"type": "mlp", "hidden": [16], "n_blocks": 3}}, "train": {"lr": 0.002, "seed": 1}}
     (tmp_path / "c.json").write_text(json.dumps(file_cfg))
     assert main(["train", "--dataset", "digits", "--profile", "smoke", "--config", "c.json",
-                 "--set", "model.n_blocks=1", "train.epochs=1", "--set", "train.seed=4", "--seed", "5"]) == 0
+                 "--set", "model.arch.n_blocks=1", "runtime.epochs=1", "--set", "train.seed=4", "--seed", "5"]) == 0
     cfg = _json(tmp_path / "runs" / "digits-smoke-seed5" / "config.json")
-    assert cfg["model"]["hidden"] == [16] and cfg["train"]["lr"] == 0.002  # from the file
-    assert cfg["model"]["n_blocks"] == 1 and cfg["train"]["epochs"] == 1  # --set beats the file
+    assert cfg["model"]["arch"]["hidden"] == [16] and cfg["train"]["lr"] == 0.002  # from the file
+    assert cfg["model"]["arch"]["n_blocks"] == 1 and cfg["runtime"]["epochs"] == 1  # --set beats the file
     assert cfg["train"]["seed"] == 5  # the explicit flag beats --set
-    assert cfg["model"]["n_terms"] == 2  # untouched profile value
+    assert cfg["model"]["logdet"] == {"type": "power_series", "n_terms": 2, "n_probes": 1, "probe": "gaussian",
+                                      "neumann_gradient": False}  # untouched profile value
 
 
 def test_resume_continues_and_matches_an_uninterrupted_run(tmp_path):
-    """2 epochs, then --resume with train.epochs=3: 3 epochs, the first 2 records unchanged, the 3rd as if
+    """2 epochs, then --resume with runtime.epochs=3: 3 epochs, the first 2 records unchanged, the 3rd as if
     training had never stopped (a straight 3-epoch run)."""
     run = _train(tmp_path / "run")
     before = _json(run / "history.json")["epochs"]
-    assert main(["train", "--run-dir", str(run), "--resume", "--set", "train.epochs=3"]) == 0
+    assert main(["train", "--run-dir", str(run), "--resume", "--set", "runtime.epochs=3"]) == 0
     after = _json(run / "history.json")["epochs"]
     assert len(after) == 3 and after[:2] == before
-    assert _json(run / "config.json")["train"]["epochs"] == 3
-    straight = _json(_train(tmp_path / "straight", "--set", "train.epochs=3") / "history.json")["epochs"]
+    assert _json(run / "config.json")["runtime"]["epochs"] == 3
+    straight = _json(_train(tmp_path / "straight", "--set", "runtime.epochs=3") / "history.json")["epochs"]
     for key in ("train_loss", "val_loss", "val_bpd", "val_acc"):
         assert after[2][key] == pytest.approx(straight[2][key], rel=1e-9, abs=1e-12), key
 
@@ -102,9 +103,9 @@ def test_resume_continues_and_matches_an_uninterrupted_run(tmp_path):
 def test_resume_and_rerun_refusals(tmp_path, capsys):
     """--resume may not change what is trained; a fresh train may not overwrite a run; nothing to resume is an error;
     a run that fails before its first checkpoint leaves no config.json behind."""
-    run = _train(tmp_path / "run", "--set", "train.epochs=1")
-    err = _error(["train", "--run-dir", str(run), "--resume", "--set", "model.n_blocks=3"], capsys)
-    assert "model.n_blocks" in err
+    run = _train(tmp_path / "run", "--set", "runtime.epochs=1")
+    err = _error(["train", "--run-dir", str(run), "--resume", "--set", "model.arch.n_blocks=3"], capsys)
+    assert "model.arch.n_blocks" in err
     assert "--profile" in _error(["train", "--run-dir", str(run), "--resume", "--profile", "default"], capsys)
     assert "--resume" in _error(["train", "--dataset", "digits", "--profile", "smoke", "--run-dir", str(run)], capsys)
     assert "does not exist" in _error(["train", "--run-dir", str(tmp_path / "none"), "--resume"], capsys)
@@ -144,7 +145,7 @@ def test_evaluate_noise_is_seeded(tmp_path):
 
 def test_sample_grid_png(tmp_path):
     """Rows = classes, columns = samples: a 3 x 5 grid of 8x8 digits (1-pixel gaps) keeps that aspect; seeded."""
-    run = _train(tmp_path / "run", "--set", "train.epochs=1")
+    run = _train(tmp_path / "run", "--set", "runtime.epochs=1")
     paths = [tmp_path / f"{name}.png" for name in ("a", "b", "c")]
     for path, seed in zip(paths, (1, 1, 2)):
         argv = ["sample", str(run), "--classes", "0", "3", "7", "--n", "5", "--seed", str(seed), "--out", str(path)]
@@ -174,7 +175,10 @@ def test_toy2d_train_and_scatter(tmp_path):
     (["train", "--dataset", "digits", "--profile", "tiny"], "invalid choice"),
     (["train", "--profile", "smoke"], "--dataset"),
     (["train", "--dataset", "digits", "--profile", "smoke", "--set", "train.nope=1"], "train.nope"),
-    (["train", "--dataset", "digits", "--profile", "smoke", "--set", "train.epochs=abc"], "train.epochs must be int"),
+    (["train", "--dataset", "digits", "--profile", "smoke", "--set", "runtime.epochs=abc"], "runtime.epochs must be int"),
+    (["train", "--dataset", "digits", "--profile", "smoke", "--set", "train.epochs=3"], "train.epochs is now runtime.epochs"),
+    (["train", "--dataset", "digits", "--profile", "smoke", "--set", "model.logdet=series"], "model.logdet"),
+    (["train", "--dataset", "digits", "--profile", "smoke", "--set", "model.logdet.max_dim=9"], "PowerSeries has"),
     (["train", "--dataset", "digits", "--profile", "smoke", "--set", "model.arch=transformer"], "model.arch"),
     (["train", "--dataset", "digits", "--profile", "smoke", "--set", "epochs"], "section.field=value"),
     (["train", "--dataset", "digits", "--profile", "smoke", "--config", "missing.json"], "does not exist"),
@@ -191,9 +195,10 @@ def test_bad_arguments_exit_2(argv, needle, capsys, tmp_path, monkeypatch):
 
 def test_broken_run_directories_exit_2(tmp_path, capsys):
     """Bad classes, a corrupt best.pt, then no checkpoint at all: one-line errors, status 2."""
-    run = _train(tmp_path / "run", "--set", "train.epochs=1")
-    assert "--classes" in _error(["sample", str(run), "--classes", "10"], capsys)
-    assert "--temperature" in _error(["sample", str(run), "--temperature", "-1"], capsys)
+    run = _train(tmp_path / "run", "--set", "runtime.epochs=1")
+    assert "class must lie in 0..9, got 10" in _error(["sample", str(run), "--classes", "10"], capsys)
+    assert "temperature must be finite and >= 0" in _error(["sample", str(run), "--temperature", "-1"], capsys)
+    assert "n must be an int >= 1" in _error(["sample", str(run), "--n", "0"], capsys)
     (run / "best.pt").write_bytes(b"not a checkpoint")
     assert "corrupt" in _error(["evaluate", str(run)], capsys)
     (run / "best.pt").unlink()
@@ -207,13 +212,14 @@ def test_broken_run_directories_exit_2(tmp_path, capsys):
 def test_yaml_config(tmp_path, capsys, monkeypatch):
     """.yaml needs PyYAML: without it a clear message (exit 2); with it the same overrides as JSON."""
     path = tmp_path / "c.yaml"
-    path.write_text("train:\n  epochs: 1\n  lr: 0.002\nmodel:\n  hidden: [16]\n")
+    path.write_text("runtime:\n  epochs: 1\ntrain:\n  lr: 0.002\nmodel:\n  arch: {type: mlp, hidden: [16]}\n")
     try:
         import yaml  # noqa: F401
     except ImportError:
         pass
     else:
-        assert read_config_file(path) == {"train.epochs": 1, "train.lr": 0.002, "model.hidden": [16]}
+        assert read_config_file(path) == {"runtime.epochs": 1, "train.lr": 0.002,
+                                          "model.arch": {"type": "mlp", "hidden": [16]}}
     monkeypatch.setitem(sys.modules, "yaml", None)  # as if PyYAML were not installed
     err = _error(["train", "--dataset", "digits", "--profile", "smoke", "--config", str(path)], capsys)
     assert "pip install pyyaml" in err

@@ -1,0 +1,274 @@
+"""Baselines on the flow's own splits: a per-class Gaussian in the flow's logit space, and sklearn classifiers.
+
+Per-class Gaussian: h = logit(a + (1 - 2a)(x + u)/L), u ~ U[0, 1)^D (LogitPreprocess's map), and
+log p(x|k) = log N(h; mu_k, S_k + r I) + log|dh/dx| - D log L, so its bits/dim are a bound on the
+discrete data exactly like the flow's (one noise draw per evaluated example). mu_k, S_k come from
+`copies` dequantised copies of the training set, the ridge r by validation bits/dim, p(k) are the
+fit data's class frequencies; accuracy, bits/dim and ECE come from mixflow_core.metrics on the
+(N, K) table, as for the flow.
+
+sklearn classifiers (QDA, logistic regression, RBF-SVC) see x / (L - 1) (x as is for continuous
+data), hyperparameters tuned by validation accuracy; they give accuracy and ECE, no bits/dim.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.distributions import MultivariateNormal
+from torch.utils.data import TensorDataset
+
+from ..flows.config import ModelConfig
+from ..data import Splits
+from .metrics import accuracy, bits_per_dim, expected_calibration_error
+from ..flows.preprocess import LogitPreprocess
+from ..flows.priors import ClassMoments, class_moments
+
+__all__ = [
+    "RIDGES", "SKLEARN_GRIDS", "ClassMoments", "logit_space", "class_moments", "gaussian_log_likelihoods",
+    "gaussian_baseline", "gaussian_test_table", "sklearn_baselines", "baseline_table", "FAST_RIDGES", "FAST_GRIDS",
+]
+
+log = logging.getLogger(__name__)
+
+RIDGES = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.2, 0.3, 0.5, 1.0)  # candidate ridges r of S_k + r I
+# each grid runs from the strongest regularisation to the weakest; ties on validation go to the first
+SKLEARN_GRIDS: Mapping[str, tuple] = {
+    "qda": (0.8, 0.5, 0.3, 0.2, 0.1, 0.03, 0.01, 0.001),  # reg_param
+    "logistic": (0.01, 0.1, 1.0, 10.0, 100.0),  # C
+    "svc": tuple((c, g) for c in (1.0, 10.0, 100.0) for g in (0.01, 0.03, "scale", 0.1)),  # (C, gamma)
+}
+_SKLEARN_NAMES = {"qda": "QDA (reg_param)", "logistic": "logistic regression (C)", "svc": "RBF-SVC (C, gamma)"}
+GAUSSIAN_METHOD = "per-class Gaussian (logit space)"
+
+
+# -- the per-class Gaussian in logit space -------------------------------------------------------------
+def logit_space(x: Tensor, u: Tensor, levels: int, alpha: float) -> tuple[Tensor, Tensor]:
+    """h = logit(a + (1 - 2a)(x + u)/L) (N, D) and log|dh/dx| - D log L (N,): LogitPreprocess at noise u.
+
+    x: (N, D) levels 0..L-1, u: (N, D) in [0, 1). The flow's own module does the maths (written once):
+    without dequantisation it puts x at its bin midpoint x + 1/2, so x + (u - 1/2) lands on x + u.
+    """
+    return LogitPreprocess(levels, alpha, dequantize=False)(x + (u - 0.5))
+
+
+def gaussian_log_likelihoods(h: Tensor, moments: ClassMoments, ridge: float) -> Tensor:
+    """log N(h; mu_k, S_k + ridge I) for every class k: (N, K), float64."""
+    eye = torch.eye(h.shape[1], dtype=torch.float64)
+    columns = []
+    for mu, cov in zip(moments.means, moments.covs):  # one class at a time: memory N x D, not N x K x D
+        normal = MultivariateNormal(mu, scale_tril=torch.linalg.cholesky(cov + ridge * eye))
+        columns.append(normal.log_prob(h.double()))
+    return torch.stack(columns, 1)
+
+
+def _flat(ds: TensorDataset) -> tuple[Tensor, Tensor]:
+    """(x flattened to (N, D) in float64, y (N,)): vectors and (C, H, W) images alike."""
+    x, y = ds.tensors
+    return x.reshape(len(x), -1).double(), y.long()
+
+
+def _table_metrics(table: Tensor, y: Tensor, log_py: Tensor, dim: int) -> dict:
+    return {
+        "accuracy": accuracy(table, y, log_py),
+        "bpd_conditional": bits_per_dim(table, y, log_py, dim),
+        "bpd_marginal": bits_per_dim(table, None, log_py, dim),
+        "ece": expected_calibration_error(table, y, log_py),
+    }
+
+
+def gaussian_baseline(
+    data: Splits, alpha: float = ModelConfig.alpha, copies: int = 10, seed: int = 0,
+    ridges: Sequence[float] = RIDGES, refit_on_val: bool = False, draws: int = 1,
+) -> dict:
+    """Per-class full-covariance Gaussian in the flow's logit space, evaluated on test like the flow.
+
+    The metrics of `gaussian_test_table` (see there for the model, the noise and `draws`).
+    Returns {"method", "accuracy", "bpd_conditional", "bpd_marginal", "ece", "ridge", "n", "draws",
+    "val_accuracy", "val_bpd_conditional" (at the chosen ridge; None when refit on val)}.
+    """
+    table, y_te, log_py, info = gaussian_test_table(data, alpha, copies, seed, ridges, refit_on_val, draws)
+    return {"method": info["method"], **_table_metrics(table, y_te, log_py, info["dim"]),
+            "ridge": info["ridge"], "n": len(y_te), "draws": draws,
+            "val_accuracy": info["val_accuracy"], "val_bpd_conditional": info["val_bpd_conditional"]}
+
+
+def gaussian_test_table(
+    data: Splits, alpha: float = ModelConfig.alpha, copies: int = 10, seed: int = 0,
+    ridges: Sequence[float] = RIDGES, refit_on_val: bool = False, draws: int = 1,
+) -> tuple[Tensor, Tensor, Tensor, dict]:
+    """Per-class full-covariance Gaussian in the flow's logit space, evaluated on test like the flow.
+
+    log p(x|k) = log N(h; mu_k, S_k + r I) + log|dh/dx| - D log L with h = logit(a + (1-2a)(x+u)/L).
+    mu_k, S_k from `copies` dequantised copies of train; r = the first of `ridges` with the least
+    validation bits/dim; test uses one noise draw per example. With `refit_on_val` the Gaussian is
+    refit on train+val (copies drawn after the test noise) with that r. Noise comes from
+    numpy.random.default_rng(seed) in a fixed order: train copies, val, test, then train+val copies.
+    `draws` > 1 scores test like metrics.log_likelihood_table(draws=S): log (1/S) sum_s p(x + u_s | k)
+    (importance-weighted over dequantisation draws; the S - 1 extra draws come last, so draws=1
+    results are unchanged).
+
+    Returns (log p(x|k) on test (N, K) float64, test labels (N,), log p(k) (K,), info) with info =
+    {"method", "ridge", "dim", "val_accuracy", "val_bpd_conditional"}: the per-image table lets
+    callers compare predictions image by image (benchmarks/digits_splits.py).
+    """
+    if data.levels is None:
+        raise ValueError("the logit-space Gaussian needs quantised data (integer levels); this data set is "
+                         "continuous (levels None): use sklearn_baselines for it")
+    if copies < 1:
+        raise ValueError(f"copies must be >= 1, got {copies}")
+    if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
+        raise ValueError(f"draws must be an int >= 1, got {draws!r}")
+    if len(ridges) == 0:
+        raise ValueError("ridges must name at least one ridge")
+    pre = LogitPreprocess(data.levels, alpha)  # validates levels and alpha
+    (x_tr, y_tr), (x_va, y_va), (x_te, y_te) = (_flat(ds) for ds in (data.train, data.val, data.test))
+    for x in (x_tr, x_va, x_te):
+        pre.check(x)
+    k, dim = data.num_classes, x_tr.shape[1]
+    rng = np.random.default_rng(seed)
+
+    def noisy(x: Tensor) -> tuple[Tensor, Tensor]:
+        return logit_space(x, torch.from_numpy(rng.random(tuple(x.shape))), data.levels, alpha)
+
+    # class_moments consumes the generator before the val/test draws below: the draw order is fixed
+    fit = class_moments(((noisy(x_tr)[0], y_tr) for _ in range(copies)), k)
+    h_va, ld_va = noisy(x_va)
+    h_te, ld_te = noisy(x_te)
+    log_py = fit.log_class_probs()
+    val = {r: _table_metrics(gaussian_log_likelihoods(h_va, fit, r) + ld_va[:, None], y_va, log_py, dim)
+           for r in ridges}
+    best = min(ridges, key=lambda r: val[r]["bpd_conditional"])  # first minimum
+    method = GAUSSIAN_METHOD
+    if refit_on_val:
+        x_all, y_all = torch.cat([x_tr, x_va]), torch.cat([y_tr, y_va])
+        fit = class_moments(((noisy(x_all)[0], y_all) for _ in range(copies)), k)
+        log_py = fit.log_class_probs()
+        method += ", refit on train+val"
+    tables = [gaussian_log_likelihoods(h_te, fit, best) + ld_te[:, None]]
+    for _ in range(draws - 1):
+        h, ld = noisy(x_te)
+        tables.append(gaussian_log_likelihoods(h, fit, best) + ld[:, None])
+    table = torch.logsumexp(torch.stack(tables), 0) - math.log(draws)
+    info = {"method": method, "ridge": best, "dim": dim,
+            "val_accuracy": None if refit_on_val else val[best]["accuracy"],
+            "val_bpd_conditional": None if refit_on_val else val[best]["bpd_conditional"]}
+    return table, y_te, log_py, info
+
+
+# -- sklearn classifiers -------------------------------------------------------------------------------
+def _make_classifier(method: str, param, seed: int):
+    from sklearn.discriminant_analysis import QuadraticDiscriminantAnalysis
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.svm import SVC
+
+    if method == "qda":
+        return QuadraticDiscriminantAnalysis(reg_param=param)
+    if method == "logistic":
+        return LogisticRegression(C=param, max_iter=5000, random_state=seed)
+    return SVC(C=param[0], gamma=param[1])  # deterministic: no random_state needed
+
+
+def _probabilities(method: str, fitted, param, seed: int, x_tr: np.ndarray, y_tr: np.ndarray):
+    """The model whose predict_proba gives p(k|x): the fitted classifier, or for the SVC (no probabilities
+    of its own; SVC(probability=True) is deprecated in sklearn 1.9) its Platt-scaled decision values."""
+    if method != "svc":
+        return fitted
+    from sklearn.calibration import CalibratedClassifierCV
+
+    # ensemble=False: one SVC on all of train (the one predict uses), sigmoids fit on 5-fold CV decisions
+    return CalibratedClassifierCV(_make_classifier(method, param, seed), ensemble=False).fit(x_tr, y_tr)
+
+
+def _val_score(method: str, param, seed: int, x_tr, y_tr, x_va, y_va) -> float:
+    """Validation accuracy, or -inf where the fit is impossible (QDA with fewer examples per class than features)."""
+    try:
+        return _make_classifier(method, param, seed).fit(x_tr, y_tr).score(x_va, y_va)
+    except np.linalg.LinAlgError as err:
+        log.info("%s %r cannot be fit: %s", method, param, err)
+        return float("-inf")
+
+
+def sklearn_baselines(
+    data: Splits, seed: int = 0, methods: Sequence[str] = ("qda", "logistic"),
+    grids: Mapping[str, Sequence] | None = None,
+) -> list[dict]:
+    """sklearn classifiers fit on train, hyperparameter = first best validation accuracy over its grid.
+
+    methods: "qda" (reg_param), "logistic" (C), "svc" (RBF, (C, gamma)); grids override SKLEARN_GRIDS
+    per method. Inputs x / (L - 1), or x for continuous data. Accuracy from predict, ECE from
+    predict_proba (through metrics.expected_calibration_error); for the SVC, of Platt-calibrated
+    decision values (CalibratedClassifierCV, ensemble=False), whose argmax may differ from predict. Each row: {"method", "accuracy",
+    "bpd_conditional": None, "bpd_marginal": None, "ece", "n", "param", "val_accuracy",
+    "val_grid_accuracy" (one per grid point; -inf where the fit is impossible)}. A method none of whose
+    grid points can be fit (QDA with fewer examples per class than features) is left out, with a warning.
+    """
+    unknown = [m for m in methods if m not in SKLEARN_GRIDS]
+    if unknown:
+        raise ValueError(f"unknown sklearn baselines {unknown}; choose from {sorted(SKLEARN_GRIDS)}")
+    scale = 1.0 / (data.levels - 1) if data.levels is not None else 1.0
+    (x_tr, y_tr), (x_va, y_va), (x_te, y_te) = (
+        (x.numpy() * scale, y.numpy()) for x, y in (_flat(ds) for ds in (data.train, data.val, data.test))
+    )
+    rows = []
+    for method in methods:
+        grid = list((grids or {}).get(method, SKLEARN_GRIDS[method]))
+        with warnings.catch_warnings():
+            # QDA warns about collinear variables at small reg_param (constant border pixels)
+            warnings.filterwarnings("ignore", message="Variables are collinear")
+            scores = [_val_score(method, p, seed, x_tr, y_tr, x_va, y_va) for p in grid]
+            if not np.isfinite(scores).any():
+                log.warning("%s: no grid point could be fit on %d training examples; row left out",
+                            _SKLEARN_NAMES[method], len(y_tr))
+                continue
+            i = int(np.argmax(scores))  # first maximum
+            clf = _make_classifier(method, grid[i], seed).fit(x_tr, y_tr)
+            prob_model = _probabilities(method, clf, grid[i], seed, x_tr, y_tr)
+            pred, proba = clf.predict(x_te), prob_model.predict_proba(x_te)
+        probs = torch.zeros(len(y_te), data.num_classes, dtype=torch.float64)
+        probs[:, torch.as_tensor(prob_model.classes_)] = torch.from_numpy(proba).double()  # classes absent from train: 0
+        zeros = torch.zeros(data.num_classes, dtype=torch.float64)  # probs is already p(k|x)
+        rows.append({
+            "method": _SKLEARN_NAMES[method], "accuracy": float((pred == y_te).mean()),
+            "bpd_conditional": None, "bpd_marginal": None,
+            "ece": expected_calibration_error(torch.log(probs), torch.from_numpy(y_te), zeros),
+            "n": len(y_te), "param": grid[i], "val_accuracy": float(scores[i]),
+            "val_grid_accuracy": [float(s) for s in scores],
+        })
+    return rows
+
+
+# -- both ----------------------------------------------------------------------------------------------
+FAST_RIDGES = (0.01, 0.03, 0.1)
+SVC_MAX_TRAIN = 10_000  # baseline_table fits the RBF-SVC grid only up to this many training examples
+FAST_GRIDS: Mapping[str, tuple] = {"qda": (0.1, 0.03, 0.01), "logistic": (0.1, 1.0)}
+
+
+def baseline_table(data: Splits, seed: int = 0, fast: bool = False, draws: int = 1) -> list[dict]:
+    """The Gaussian row (quantised data only) then QDA, logistic regression and RBF-SVC rows.
+
+    fast: 2 dequantised copies, ridges FAST_RIDGES, QDA and logistic regression on FAST_GRIDS (a few
+    seconds on digits, for tests and smoke notebooks); otherwise 10 copies, RIDGES, SKLEARN_GRIDS, and
+    the RBF-SVC only up to SVC_MAX_TRAIN training examples.
+    draws: dequantisation draws of the Gaussian's test scores (match the flow's train.eval_draws).
+    """
+    rows = []
+    if data.levels is None:
+        log.info("continuous data: no logit-space Gaussian row")
+    else:
+        copies, ridges = (2, FAST_RIDGES) if fast else (10, RIDGES)
+        rows.append(gaussian_baseline(data, copies=copies, seed=seed, ridges=ridges, draws=draws))
+    if fast:
+        rows += sklearn_baselines(data, seed, methods=tuple(FAST_GRIDS), grids=FAST_GRIDS)
+    else:
+        svc = len(data.train) <= SVC_MAX_TRAIN  # a kernel SVC grid on 54k images would take hours
+        if not svc:
+            log.info("%d training examples: RBF-SVC left out (more than %d)", len(data.train), SVC_MAX_TRAIN)
+        rows += sklearn_baselines(data, seed, methods=("qda", "logistic", "svc") if svc else ("qda", "logistic"))
+    return rows

@@ -1,0 +1,224 @@
+"""Lipschitz-constrained layers: W_hat = W / max(1, sigma(W) / c), so Lip(layer) <= c.
+
+sigma(W) is the operator norm (largest singular value) of the *linear map* the layer
+applies, estimated by power iteration whose vectors persist between calls (Miyato et
+al. 2018; Behrmann et al. 2019). For a convolution the map is the convolution operator
+on inputs of a fixed shape, iterated with conv2d / conv_transpose2d, not the reshaped
+kernel matrix (whose norm can be smaller than the operator's by a factor up to k).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["SpectralLinear", "SpectralConv2d", "LipSwish", "operator_norm", "spectral_layers", "check_coeff"]
+
+
+def _normalise(v: Tensor, eps: float = 1e-12) -> Tensor:
+    return v / (v.norm() + eps)
+
+
+class _SpectralNormMixin(nn.Module):
+    """Shared power-iteration logic; subclasses define _apply_W and _apply_WT on one vector."""
+
+    coeff: float
+    n_power_iterations: int  # at least this many power iterations per training step
+    power_rtol: float | None  # ... then more until sigma changes by at most this fraction
+    max_power_iterations: int  # ... but at most this many more
+    u: Tensor  # left singular vector, shape of the output
+    v: Tensor  # right singular vector, shape of the input
+
+    def _apply_W(self, v: Tensor, weight: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _apply_WT(self, u: Tensor, weight: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def power_iterate(self, n_iterations: int) -> None:
+        """Refine the stored singular vectors of the raw weight in place."""
+        w = self.weight.detach()
+        u, v = self.u, self.v
+        for _ in range(n_iterations):
+            v = _normalise(self._apply_WT(u, w))
+            u = _normalise(self._apply_W(v, w))
+        self.u.copy_(u)
+        self.v.copy_(v)
+
+    @torch.no_grad()
+    def refresh(self) -> int:
+        """n_power_iterations, then more until sigma settles (relative change <= power_rtol); returns the count.
+
+        A fixed count falls behind in training: the gradient through sigma = u^T W v shrinks
+        W along the estimated (u, v) while the loss grows other directions, so the top
+        singular vector rotates away from the estimate. With one iteration per step the
+        operator norm reached ~1.13 for coeff 0.9 (NLL training of a 2-D MLP i-ResNet, fp32)
+        and ~1.1 for coeff 0.7 (50 Adam steps maximising the output); iterating to this
+        tolerance kept them near 0.92 and 0.71. Residual Flows likewise iterates to a tolerance.
+        On the digits model (10 blocks, 64-128-128-64, coeff 0.9, 300 Adam steps) the largest
+        operator norm was 0.994 with 1 iteration, 0.931 with rtol 1e-4 (1.6x step time) and
+        0.917 with rtol 1e-6 (5x): 1e-4 is the default trade-off; power_rtol=None turns it off.
+        """
+        self.power_iterate(self.n_power_iterations)
+        if self.power_rtol is None:
+            return self.n_power_iterations
+        sigma = float(self.sigma())
+        for extra in range(1, self.max_power_iterations + 1):
+            self.power_iterate(1)
+            new = float(self.sigma())
+            if abs(new - sigma) <= self.power_rtol * abs(new):
+                return self.n_power_iterations + extra
+            sigma = new
+        return self.n_power_iterations + self.max_power_iterations
+
+    def sigma(self) -> Tensor:
+        """sigma(W) ~= u^T W v, differentiable in W (u, v held constant)."""
+        u, v = self.u.clone(), self.v.clone()  # clone: later in-place updates must not touch this graph
+        return torch.sum(u * self._apply_W(v, self.weight))
+
+    def normalised_weight(self) -> Tensor:
+        """W / max(1, sigma/c); refreshes the power iteration in training steps only.
+
+        A training step is training mode with grad enabled: fixed-point inversions and
+        evaluations under no_grad see one fixed function.
+        """
+        if self.training and torch.is_grad_enabled() and self.n_power_iterations > 0:
+            self.refresh()
+        factor = torch.clamp(self.sigma() / self.coeff, min=1.0)
+        return self.weight / factor
+
+    def extra_repr(self) -> str:
+        return f"coeff={self.coeff}, n_power_iterations={self.n_power_iterations}"
+
+
+class SpectralLinear(_SpectralNormMixin):
+    """Affine map x W_hat^T + b with ||W_hat||_2 <= coeff."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        coeff: float = 0.9,
+        n_power_iterations: int = 1,
+        bias: bool = True,
+        power_rtol: float | None = 1e-4,
+        max_power_iterations: int = 50,
+    ) -> None:
+        super().__init__()
+        check_coeff(coeff)
+        self.in_features, self.out_features = in_features, out_features
+        self.coeff, self.n_power_iterations = coeff, n_power_iterations
+        self.power_rtol, self.max_power_iterations = power_rtol, max_power_iterations
+        layer = nn.Linear(in_features, out_features, bias=bias)  # borrow PyTorch's default init
+        self.weight = nn.Parameter(layer.weight.detach().clone())
+        self.bias = nn.Parameter(layer.bias.detach().clone()) if bias else None
+        self.register_buffer("u", _normalise(torch.randn(out_features)))
+        self.register_buffer("v", _normalise(torch.randn(in_features)))
+        self.power_iterate(20)  # start from a converged estimate
+
+    def _apply_W(self, v: Tensor, weight: Tensor) -> Tensor:
+        return weight @ v
+
+    def _apply_WT(self, u: Tensor, weight: Tensor) -> Tensor:
+        return weight.t() @ u
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.normalised_weight(), self.bias)
+
+
+class SpectralConv2d(_SpectralNormMixin):
+    """Convolution (stride 1, 'same' padding) whose operator norm on (C_in, H, W) inputs is <= coeff."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        input_hw: tuple[int, int],
+        coeff: float = 0.9,
+        n_power_iterations: int = 1,
+        bias: bool = True,
+        power_rtol: float | None = 1e-4,
+        max_power_iterations: int = 50,
+    ) -> None:
+        super().__init__()
+        check_coeff(coeff)
+        if kernel_size % 2 != 1:
+            raise ValueError(f"kernel_size must be odd for 'same' padding, got {kernel_size}")
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.padding = kernel_size, kernel_size // 2
+        self.input_hw = tuple(input_hw)
+        self.coeff, self.n_power_iterations = coeff, n_power_iterations
+        self.power_rtol, self.max_power_iterations = power_rtol, max_power_iterations
+        layer = nn.Conv2d(in_channels, out_channels, kernel_size, padding=self.padding, bias=bias)
+        self.weight = nn.Parameter(layer.weight.detach().clone())
+        self.bias = nn.Parameter(layer.bias.detach().clone()) if bias else None
+        h, w = self.input_hw
+        self.register_buffer("u", _normalise(torch.randn(1, out_channels, h, w)))
+        self.register_buffer("v", _normalise(torch.randn(1, in_channels, h, w)))
+        self.power_iterate(50)
+
+    def _apply_W(self, v: Tensor, weight: Tensor) -> Tensor:
+        return F.conv2d(v, weight, padding=self.padding)
+
+    def _apply_WT(self, u: Tensor, weight: Tensor) -> Tensor:
+        return F.conv_transpose2d(u, weight, padding=self.padding)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if tuple(x.shape[-2:]) != self.input_hw:
+            raise ValueError(
+                f"SpectralConv2d was built for inputs of spatial size {self.input_hw}, got {tuple(x.shape[-2:])}"
+            )
+        return F.conv2d(x, self.normalised_weight(), self.bias, padding=self.padding)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"input_hw={self.input_hw}, " + super().extra_repr()
+        )
+
+
+class LipSwish(nn.Module):
+    """LipSwish(x) = x * sigmoid(beta x) / 1.1, beta = softplus(b) > 0; Lip <= 1 (Chen et al. 2019)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.raw_beta = nn.Parameter(torch.tensor(math.log(math.e - 1.0)))  # softplus^-1(1) -> beta = 1
+
+    def forward(self, x: Tensor) -> Tensor:
+        beta = F.softplus(self.raw_beta)
+        return x * torch.sigmoid(beta * x) / 1.1
+
+
+def check_coeff(coeff: float) -> None:
+    """The one check of a Lipschitz coefficient (layers and ModelConfig): 0 < c < 1 keeps x + g(x) invertible."""
+    if not 0.0 < coeff < 1.0:
+        raise ValueError(f"coeff (the Lipschitz bound) must lie in (0, 1) for invertibility, got {coeff}")
+
+
+def spectral_layers(module: nn.Module) -> list[_SpectralNormMixin]:
+    """All spectrally normalised layers inside `module`."""
+    return [m for m in module.modules() if isinstance(m, _SpectralNormMixin)]
+
+
+@torch.no_grad()
+def operator_norm(layer: _SpectralNormMixin, n_iterations: int = 500, seed: int = 0) -> float:
+    """Operator norm of the layer's *normalised* linear map, by a fresh, long power iteration.
+
+    Independent of the layer's stored vectors, so it checks the constraint rather than
+    repeating the estimate the layer used.
+    """
+    was_training = layer.training
+    layer.eval()  # no in-place refresh while we read the weight
+    w = layer.normalised_weight()
+    layer.train(was_training)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    v = _normalise(torch.randn(layer.v.shape, generator=g, dtype=w.dtype).to(w.device))
+    for _ in range(n_iterations):
+        u = _normalise(layer._apply_W(v, w))
+        v = _normalise(layer._apply_WT(u, w))
+    return float(layer._apply_W(v, w).norm())

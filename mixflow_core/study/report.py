@@ -1,0 +1,191 @@
+"""The study's report: run the notebook sequence headlessly with papermill.
+
+Paths in the notebooks' `parameters` cells are relative to the project root (the folder with
+pyproject.toml and notebooks/); `project_path` resolves them the same way whether a notebook
+runs in JupyterLab (cwd notebooks/), under papermill, or from a test.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["project_root", "project_path", "project_relative", "NOTEBOOKS", "ReportError", "Step", "plan", "execute", "run_report",
+           "default_figures_dir", "FigureLog"]
+
+
+def project_root(start: str | Path | None = None) -> Path:
+    """The nearest folder at or above `start` (default: cwd) holding pyproject.toml and notebooks/; else cwd."""
+    here = Path(start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / "pyproject.toml").is_file() and (folder / "notebooks").is_dir():
+            return folder
+    return here
+
+
+def project_path(path: str | Path | None) -> Path | None:
+    """An absolute path: `path` itself if absolute, else relative to project_root(); None stays None."""
+    if path is None or path == "":
+        return None
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else project_root() / p
+
+
+def project_relative(path: str | Path) -> str:
+    """`path` relative to project_root() when it lies inside it (committed files stay machine-independent), else absolute."""
+    p, root = Path(path).expanduser().resolve(), project_root()
+    try:
+        return p.relative_to(root).as_posix()
+    except ValueError:
+        return str(p)
+
+
+# -- the notebook sequence -----------------------------------------------------------------------
+NOTEBOOKS = ("01_train.ipynb", "02_overlap_diagnosis.ipynb", "03_sampling.ipynb", "04_report_figures.ipynb")
+TRAIN, OVERLAP, SAMPLING, FIGURES = NOTEBOOKS  # the sequence, in order; plan() names them only through these
+KERNEL = "python3"
+STUDENT_MAX_EPOCHS = 30  # the student configuration collapses within a few epochs; more only costs time
+
+
+class ReportError(RuntimeError):
+    """A notebook of the report failed; the message names the notebook, the cell and the partial output."""
+
+
+@dataclass(frozen=True)
+class Step:
+    notebook: str  # file name in notebooks/
+    output: Path  # executed copy
+    parameters: dict[str, Any] = field(default_factory=dict)
+    title: str = ""
+
+
+def default_figures_dir(dataset: str, profile: str) -> str:
+    """figures/ for the study's default (digits, default profile); figures/<dataset>-<profile>/ otherwise."""
+    return "figures" if (dataset, profile) == ("digits", "default") else f"figures/{dataset}-{profile}"
+
+
+def plan(
+    dataset: str = "digits", profile: str = "default", device: str = "cpu", seed: int = 0,
+    reports_dir: str | Path = "reports", figures_dir: str | Path | None = None, runs_dir: str | Path = "runs/report",
+    data_root: str | None = None, retrain: bool = False, ablation_json: str | Path | None = None,
+    tsne: bool = True, baselines: str = "full",
+) -> list[Step]:
+    """The five notebook executions of a report (01 twice: student and fixed configuration), with absolute paths."""
+    from ..training.profiles import get_profile
+    from .analysis import CONFIGS
+
+    base = get_profile(dataset, profile)  # ValueError for an unknown pair
+    reports = project_path(reports_dir)
+    figures = project_path(figures_dir or default_figures_dir(dataset, profile))
+    runs = project_path(runs_dir)
+    name = f"{dataset}-{profile}-seed{seed}"
+    run = {c: str(runs / f"{name}-{c}") for c in CONFIGS}
+    if ablation_json is None:  # the committed ablation of this dataset, when there is one
+        committed = project_root() / "benchmarks" / "ablation" / f"{dataset}-{profile}.json"
+        ablation_json = committed if committed.is_file() else ""
+    ablation = str(project_path(ablation_json)) if ablation_json else ""
+    common = {"figures_dir": str(figures), "device": device}
+    steps = []
+    for config in CONFIGS:
+        overrides = {}
+        if config == "student":
+            overrides["runtime.epochs"] = min(base.runtime.epochs, STUDENT_MAX_EPOCHS)
+        steps.append(Step(TRAIN, reports / f"{Path(TRAIN).stem}_{config}.ipynb", {
+            **common, "dataset": dataset, "profile": profile, "config": config, "seed": seed, "overrides": overrides,
+            "run_dir": run[config], "results_json": str(reports / f"{Path(TRAIN).stem}_{config}.json"), "data_root": data_root,
+            "retrain": retrain, "progress_bars": False,
+        }, f"train the {config} configuration"))
+    steps.append(Step(OVERLAP, reports / OVERLAP, {
+        **common, "fixed_run": run["fixed"], "student_run": run["student"], "ablation_json": ablation,
+        "results_json": str(reports / "02_overlap.json"), "tsne": tsne, "seed": seed,
+    }, "diagnose class overlap"))
+    steps.append(Step(SAMPLING, reports / SAMPLING, {
+        **common, "run_dir": run["fixed"], "results_json": str(reports / "03_sampling.json"), "seed": seed,
+    }, "sample per class"))
+    steps.append(Step(FIGURES, reports / FIGURES, {
+        **common, "fixed_run": run["fixed"], "student_run": run["student"], "ablation_json": ablation,
+        "results_json": str(reports / "04_report.json"), "table_md": str(figures / "results.md"),
+        "baselines": baselines, "seed": seed,
+    }, "results table and summary figures"))
+    return steps
+
+
+def execute(step: Step, kernel_name: str = KERNEL, stream: bool = False) -> float:
+    """Run one notebook with papermill; seconds taken. ReportError names the failing cell and the partial output.
+
+    `stream`: copy the kernel's stdout / stderr (e.g. one line per training epoch) to ours as it runs.
+    """
+    import sys
+
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    source = project_root() / "notebooks" / step.notebook
+    if not source.is_file():
+        raise ReportError(f"notebook {source} does not exist")
+    step.output.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    try:
+        papermill.execute_notebook(
+            str(source), str(step.output), parameters=step.parameters, kernel_name=kernel_name,
+            cwd=str(source.parent), progress_bar=False,
+            stdout_file=sys.stdout if stream else None, stderr_file=sys.stderr if stream else None,
+            # the kernel's own log at ERROR: ipykernel 7 warns once per kernel that its local TCP sockets are not
+            # encrypted; warnings raised in cells still reach the output
+            extra_arguments=["--IPKernelApp.log_level=ERROR"],
+        )
+    except PapermillExecutionError as err:
+        raise ReportError(
+            f"{step.notebook} failed in code cell [{err.exec_count}] (cell {err.cell_index} of the executed copy): "
+            f"{err.ename}: {str(err.evalue).rstrip('.')}. The partially executed notebook is {step.output}"
+        ) from err
+    return time.perf_counter() - t0
+
+
+def run_report(
+    steps: list[Step], kernel_name: str = KERNEL, stream: bool = False, echo: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Execute `steps` in order, echoing progress; returns {steps, seconds, table_md, table} (also reports/report.json)."""
+    t0, done = time.perf_counter(), []
+    for i, step in enumerate(steps, 1):
+        echo(f"[{i}/{len(steps)}] {step.notebook}: {step.title} ...")
+        seconds = execute(step, kernel_name, stream)
+        done.append({"notebook": step.notebook, "output": str(step.output), "seconds": round(seconds, 1),
+                     "results_json": step.parameters.get("results_json")})
+        echo(f"[{i}/{len(steps)}] {step.notebook}: done in {seconds:.0f} s -> {step.output}")
+    final = steps[-1].parameters
+    table_md = Path(final["table_md"]) if "table_md" in final else None
+    summary = {
+        "steps": done, "seconds": round(time.perf_counter() - t0, 1),
+        "figures_dir": final.get("figures_dir"),
+        "table_md": str(table_md) if table_md else None,
+        "table": table_md.read_text() if table_md and table_md.is_file() else "",
+    }
+    reports = steps[-1].output.parent
+    (reports / "report.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+class FigureLog:
+    """Save figures into one folder, remember their paths, and show the saved PNG (what the report ships)."""
+
+    def __init__(self, folder: str | Path, show: bool = True) -> None:
+        self.folder, self.show, self.paths = Path(folder), show, []
+
+    def save(self, fig, name: str) -> Path:
+        from .plotting import save_figure
+
+        path = save_figure(fig, self.folder / name)
+        self.paths.append(path)
+        if self.show:
+            from IPython.display import Image, display
+
+            display(Image(filename=str(path)))
+        return path
+
+    def listing(self) -> list[str]:
+        return [str(p) for p in self.paths]

@@ -1,0 +1,353 @@
+"""fit(model, data, cfg, runtime) -> History: one training loop for CPU, one GPU, or many under torchrun.
+
+- Adam with two parameter groups: the flow, and the prior (own lr and weight decay; the
+  original student model applied weight decay to the prior too, which TrainConfig can repeat).
+- Per epoch: validation loss / bits/dim / accuracy (all-reduced across ranks), distances
+  between class means in sigma units, fixed-point inverse error; early stopping on
+  validation bits/dim or accuracy, restoring the best weights at the end.
+- Checkpoints every epoch, written atomically (temp file + os.replace) by rank 0: model,
+  optimiser, scheduler, RNG states, configs, history. `resume=True` continues from it and
+  reproduces the uninterrupted run (same seed, CPU); what may change on resume is
+  config.resume_conflicts' one policy.
+- A non-finite loss or gradient skips the batch (counted); runtime.max_nonfinite consecutive ones
+  stop training with NonFiniteLossError.
+- Distributed: under torchrun (WORLD_SIZE > 1) the same code initialises the process group
+  (gloo on CPU, nccl on CUDA), shards batches with DistributedSampler and wraps the model in
+  DistributedDataParallel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from tqdm.auto import tqdm
+
+from ..data import Splits
+from ..eval.diagnostics import latents, prior_overlap
+from ..eval.metrics import accuracy, bits_per_dim, over_dataset
+from ..flows.model import MixtureFlow
+from ..flows.priors import class_moments
+from .checkpoint import (
+    CheckpointError, check_resumable, load_checkpoint, rng_state, saved_configs, set_rng_state, snapshot_path,
+)
+from .config import RuntimeConfig, TrainConfig
+from .distributed import DistContext, resolve_device, setup_distributed
+from .io import save_torch
+
+__all__ = ["History", "fit", "NonFiniteLossError", "inverse_error"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class History:
+    """Per-epoch records (dicts of floats) and how training ended."""
+
+    epochs: list[dict[str, float]] = field(default_factory=list)
+    best_epoch: int | None = None
+    stopped: str = "not started"
+    skipped_batches: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> History:
+        """From to_dict(); records of mixflow 0.1 (mean_dist_min / _median without _sigma) get today's keys."""
+        renamed = {"mean_dist_min": "mean_dist_min_sigma", "mean_dist_median": "mean_dist_median_sigma"}
+        epochs = [{renamed.get(k, k): v for k, v in e.items()} for e in d.get("epochs", [])]
+        return cls(**{**d, "epochs": epochs})
+
+    def column(self, key: str) -> list[float]:
+        return [e[key] for e in self.epochs]
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced non-finite losses or gradients for too many consecutive batches."""
+
+
+# -- set-up -------------------------------------------------------------------------------------------
+def _optimizer(model: MixtureFlow, cfg: TrainConfig) -> torch.optim.Adam:
+    prior_params = list(model.prior.parameters())
+    prior_ids = {id(p) for p in prior_params}
+    flow_params = [p for p in model.parameters() if id(p) not in prior_ids]
+    groups = [{"params": flow_params, "lr": cfg.lr, "weight_decay": cfg.weight_decay, "name": "flow"}]
+    if prior_params:
+        groups.append({"params": prior_params, "lr": cfg.prior_lr or cfg.lr, "weight_decay": cfg.prior_weight_decay, "name": "prior"})
+    return torch.optim.Adam(groups)
+
+
+def _scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, epochs: int) -> torch.optim.lr_scheduler.LRScheduler:
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 1.0)
+
+
+@torch.no_grad()
+def inverse_error(model: MixtureFlow, x: Tensor) -> float:
+    """max |f^{-1}(f(h)) - h| in the flow's input space (after preprocessing), eval mode."""
+    was_training = model.training
+    model.eval()
+    h, _ = model.preprocess(x.to(model.prior.means.dtype))
+    z, _ = model.flow(h)
+    err = float((model.flow.inverse(z) - h).abs().max())
+    model.train(was_training)
+    return err
+
+
+def _init_actnorm(model: MixtureFlow, data: Dataset, batch_size: int, device: torch.device) -> None:
+    """Data-dependent ActNorm init from the same first examples on every rank (a no-op once initialised)."""
+    x = torch.stack([data[i][0] for i in range(min(len(data), max(batch_size, 256)))]).to(device)
+    model.train()
+    with torch.no_grad():
+        model.log_prob_all(x)
+
+
+def _init_prior(model: MixtureFlow, data: Dataset, batch_size: int, device: torch.device, max_examples: int = 20000) -> None:
+    """PriorConfig.init="moments": mu_k, Sigma_k from the initial flow's latents of (up to max_examples) training examples.
+
+    Runs after the ActNorm init, in eval mode: one fixed flow for every batch (in train mode the
+    spectral norms' power iterations would move between batches), with dequantisation noise as in
+    training. Under torchrun ranks differ by their noise; DistributedDataParallel then broadcasts
+    rank 0's prior.
+    """
+    n = len(data)
+    if n > max_examples:
+        gen = torch.Generator().manual_seed(model.prior.cfg.init_seed)
+        data = Subset(data, torch.randperm(n, generator=gen)[:max_examples].tolist())
+    z, y = latents(model, data, batch_size, device)  # eval mode, then back to the model's mode
+    moments = class_moments([(z, y)], model.prior.num_classes)
+    model.prior.init_from_moments(moments.means.to(device), moments.covs.to(device))
+
+
+@dataclass
+class _State:
+    """What the loop carries from epoch to epoch (and a checkpoint saves)."""
+
+    history: History
+    start_epoch: int = 0
+    best: float | None = None  # best early-stopping value so far (bits/dim, or -accuracy)
+    bad_epochs: int = 0
+    best_weights: dict[str, Tensor] | None = None
+    consecutive_bad: int = 0
+
+
+def _resume(model: MixtureFlow, opt, sched, cfg: TrainConfig, runtime: RuntimeConfig, run_dir: Path,
+            ctx: DistContext, device: torch.device) -> _State:
+    """The loop's state from run_dir/checkpoint.pt, after config.resume_conflicts allowed it."""
+    path = run_dir / "checkpoint.pt"
+    ckpt = load_checkpoint(path, device)
+    check_resumable(ckpt, cfg, runtime, path)
+    try:
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+    except (KeyError, RuntimeError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {path} does not match this model: {err}") from err
+    state = _State(History.from_dict(ckpt["history"]), ckpt["epoch"] + 1, ckpt["best"], ckpt["bad_epochs"])
+    set_rng_state(ckpt["rng"][ctx.rank] if ctx.rank < len(ckpt["rng"]) else ckpt["rng"][0], device)
+    if (run_dir / "best.pt").exists():
+        state.best_weights = load_checkpoint(run_dir / "best.pt", device)["model"]
+    logger.info("resumed from %s at epoch %d", path, state.start_epoch)
+    if state.history.stopped == "early stopping":
+        state.start_epoch = runtime.epochs  # that run had converged; a time-budget stop continues with a fresh budget
+    return state
+
+
+# -- one epoch --------------------------------------------------------------------------------------------
+def _train_epoch(net: nn.Module, model: MixtureFlow, loader: DataLoader, opt, cfg: TrainConfig,
+                 runtime: RuntimeConfig, state: _State, ctx: DistContext, device: torch.device, epoch: int) -> dict:
+    """One pass over the loader; non-finite batches are skipped (all ranks agree). Returns the epoch's train record."""
+    model.train()
+    t0, loss_sum, n_ok = time.perf_counter(), 0.0, 0
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{runtime.epochs}", leave=False, disable=not (runtime.progress and ctx.main))
+    for x, y in bar:
+        x, y = x.to(device), y.to(device)
+        loss = cfg.objective(net(x), y, model.prior.log_class_probs, model.dim)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        finite = torch.isfinite(loss).all() & torch.stack([torch.isfinite(g).all() for g in grads]).all()
+        finite = ctx.all_sum(finite.double()) == ctx.world  # every rank agrees on skipping
+        if not bool(finite):
+            state.consecutive_bad += 1
+            state.history.skipped_batches += 1
+            opt.zero_grad(set_to_none=True)
+            if state.consecutive_bad >= runtime.max_nonfinite:
+                state.history.stopped = "non-finite loss"
+                raise NonFiniteLossError(
+                    f"{state.consecutive_bad} consecutive batches gave a non-finite loss or gradient at epoch {epoch + 1} "
+                    f"({state.history.skipped_batches} skipped in all); the model was not updated by them. Lower the lr, "
+                    "set grad_clip, or check the data."
+                )
+            continue
+        state.consecutive_bad = 0
+        if cfg.grad_clip is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        loss_sum, n_ok = loss_sum + loss.item(), n_ok + 1
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    totals = ctx.all_sum(torch.tensor([loss_sum, float(n_ok)], dtype=torch.float64, device=device))
+    loss_sum, n_ok = float(totals[0]), int(totals[1])  # over all ranks: the same History everywhere
+    return {"epoch": epoch + 1, "train_loss": loss_sum / max(n_ok, 1), "epoch_seconds": time.perf_counter() - t0}
+
+
+@torch.no_grad()
+def _validate(model: MixtureFlow, data: Dataset, cfg: TrainConfig, batch_size: int, ctx: DistContext,
+              device: torch.device) -> dict[str, float]:
+    """Loss, conditional bits/dim and accuracy (metrics' functions on this rank's shard), averaged over ranks."""
+    shard = Subset(data, range(ctx.rank, len(data), ctx.world))
+    table, y = over_dataset(model, shard, model.log_prob_all, batch_size, device)  # eval mode, then train again
+    log_py = model.prior.log_class_probs.detach().cpu().to(table.dtype)
+    n = len(y)
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss * n, bpd * n, correct, n
+    if n:
+        sums[0] = float(cfg.objective(table, y, log_py, model.dim)) * n
+        sums[1] = bits_per_dim(table, y, log_py, model.dim) * n
+        sums[2] = accuracy(table, y, log_py) * n
+        sums[3] = n
+    sums = ctx.all_sum(sums)
+    model.train()
+    total = max(float(sums[3]), 1.0)
+    return {"val_loss": float(sums[0]) / total, "val_bpd": float(sums[1]) / total, "val_acc": float(sums[2]) / total}
+
+
+def _improved(cfg: TrainConfig, record: dict[str, float], best: float | None) -> tuple[bool, float | None]:
+    if cfg.early_stopping == "none":
+        return True, None
+    value = record["val_bpd"] if cfg.early_stopping == "val_bpd" else -record["val_acc"]
+    if best is None or value < best:
+        return True, value
+    return False, best
+
+
+def _save(model: MixtureFlow, opt, sched, cfg: TrainConfig, runtime: RuntimeConfig, state: _State, run_dir: Path,
+          epoch: int, record: dict, improved: bool, snapshot_epochs: tuple[int, ...], ctx: DistContext,
+          device: torch.device) -> None:
+    """checkpoint.pt (always), best.pt (on improvement), a snapshot (on listed epochs); rank 0 writes."""
+    rng = [None] * ctx.world
+    if ctx.world > 1:
+        dist.all_gather_object(rng, rng_state(device))
+    else:
+        rng = [rng_state(device)]
+    if not ctx.main:
+        return
+    if improved:
+        save_torch({"model": state.best_weights}, run_dir / "best.pt")
+    if epoch + 1 in snapshot_epochs:
+        save_torch({"model": model.state_dict(), "epoch": epoch + 1, "record": record}, snapshot_path(run_dir, epoch + 1))
+    save_torch({
+        "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+        "rng": rng, "configs": saved_configs(cfg, runtime), "history": state.history.to_dict(),
+        "epoch": epoch, "best": state.best, "bad_epochs": state.bad_epochs,
+    }, run_dir / "checkpoint.pt")
+
+
+# -- the loop ------------------------------------------------------------------------------------------------
+def fit(
+    model: MixtureFlow,
+    data: Splits,
+    cfg: TrainConfig = TrainConfig(),
+    runtime: RuntimeConfig = RuntimeConfig(),
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    snapshot_epochs: tuple[int, ...] = (),
+) -> History:
+    """Train `model` in place on data.train, validating on data.val every epoch.
+
+    Args:
+        model: the MixtureFlow to train (moved to runtime.device).
+        data: train / val splits (load_data).
+        cfg: what shapes the trajectory: optimiser, objective, schedule, early-stopping metric, seed.
+        runtime: where and how long: epochs, time budget, patience, device, threads, progress.
+        run_dir: if given, checkpoint.pt every epoch and best.pt on improvement go there.
+        resume: continue from run_dir/checkpoint.pt if it exists (config.resume_conflicts decides
+            what may differ); the result equals an uninterrupted run on CPU.
+        snapshot_epochs: 1-based epochs after which the weights also go to
+            run_dir/snapshots/epoch_NNNN.pt (diagnostics over training).
+
+    Returns:
+        The History; with early stopping the model ends with its best validated weights, in eval mode.
+
+    Example:
+        >>> from mixflow_core.training.profiles import get_profile
+        >>> from mixflow_core.data import load_data
+        >>> from mixflow_core.flows import build_model
+        >>> cfg = get_profile("toy2d", "smoke")
+        >>> data = load_data(cfg.data)
+        >>> model = build_model(data.data_shape, data.num_classes, data.levels, cfg.model, cfg.prior)
+        >>> history = fit(model, data, cfg.train, cfg.runtime)
+        >>> len(history.epochs), history.stopped
+        (2, 'completed')
+    """
+    torch.set_num_threads(runtime.threads)
+    device = resolve_device(runtime.device)
+    ctx = setup_distributed(device)
+    torch.manual_seed(cfg.seed + ctx.rank)  # probes and dequantisation noise differ across ranks
+    run_dir = Path(run_dir) if run_dir is not None else None
+    if snapshot_epochs and run_dir is None:
+        raise ValueError("snapshot_epochs needs a run_dir to write the snapshots to")
+    if run_dir is not None and ctx.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+
+    model.to(device)
+    opt = _optimizer(model, cfg)
+    sched = _scheduler(opt, cfg, runtime.epochs)
+    if resume and run_dir is not None and (run_dir / "checkpoint.pt").exists():
+        state = _resume(model, opt, sched, cfg, runtime, run_dir, ctx, device)
+    else:
+        state = _State(History())
+        _init_actnorm(model, data.train, cfg.batch_size, device)
+        if model.prior.needs_data_init:
+            _init_prior(model, data.train, runtime.eval_batch_size, device)
+
+    net: nn.Module = model
+    if ctx.world > 1:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    sampler = DistributedSampler(data.train, num_replicas=ctx.world, rank=ctx.rank, shuffle=True, seed=cfg.seed, drop_last=True)
+    loader = DataLoader(data.train, batch_size=cfg.batch_size, sampler=sampler, drop_last=True)
+    if len(loader) == 0:
+        raise ValueError(f"batch_size {cfg.batch_size} x {ctx.world} processes exceeds the {len(data.train)} training examples")
+    probe_x = torch.stack([data.val[i][0] for i in range(min(len(data.val), 64))])
+    t_start = time.perf_counter()
+    if state.start_epoch < runtime.epochs:
+        state.history.stopped = "completed"  # until the loop says otherwise
+    for epoch in range(state.start_epoch, runtime.epochs):
+        sampler.set_epoch(epoch)
+        record = _train_epoch(net, model, loader, opt, cfg, runtime, state, ctx, device, epoch)
+        sched.step()
+        record.update(_validate(model, data.val, cfg, runtime.eval_batch_size, ctx, device))
+        record.update(prior_overlap(model.prior))
+        record["inverse_error"] = inverse_error(model, probe_x.to(device))
+        state.history.epochs.append(record)
+        improved, state.best = _improved(cfg, record, state.best)
+        state.bad_epochs = 0 if improved else state.bad_epochs + 1
+        if improved:
+            state.history.best_epoch = epoch + 1
+            state.best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        logger.info("epoch %d: %s", epoch + 1, ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "epoch"))
+        late = runtime.max_minutes is not None and (time.perf_counter() - t_start) / 60 > runtime.max_minutes
+        out_of_time = bool(ctx.all_sum(torch.tensor(float(late), device=device)) > 0)  # ranks stop together
+        stop_early = cfg.early_stopping != "none" and state.bad_epochs >= runtime.patience
+        if stop_early:
+            state.history.stopped = "early stopping"
+        elif out_of_time:
+            state.history.stopped = "time budget"
+        if run_dir is not None:
+            _save(model, opt, sched, cfg, runtime, state, run_dir, epoch, record, improved, snapshot_epochs, ctx, device)
+        ctx.barrier()
+        if stop_early or out_of_time:
+            break
+    if state.best_weights is not None and cfg.early_stopping != "none":
+        model.load_state_dict(state.best_weights)  # return the best validated weights
+    model.eval()
+    return state.history
