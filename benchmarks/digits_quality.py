@@ -12,9 +12,10 @@ Baselines (same run, same split load_data(DataConfig("digits", seed=0))), from m
 Mixture flow: the digits profile (default: "default") trained by `fit` per seed (torch.manual_seed
 and TrainConfig.seed), early stopping on validation, then metrics.evaluate on test in eval mode
 with the eval log-det estimator `--eval-logdet` (default exact: per-sample slogdet of each block's
-64x64 Jacobian, so test bits/dim carry no estimator error; dequantisation noise is one draw per image).
+64x64 Jacobian, so test bits/dim carry no estimator error; power_series / russian_roulette: 10 terms;
+same: the training estimator; dequantisation noise is one draw per image).
 
-    .venv/bin/python benchmarks/digits_quality.py [--seeds 0 1 2] [--profile default] [--set train.beta=8]
+    .venv/bin/python benchmarks/digits_quality.py [--seeds 0 1 2] [--profile default] [--set train.objective.beta=8]
 """
 
 from __future__ import annotations
@@ -32,12 +33,21 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import header, loadavg, table  # noqa: E402
 
-from mixflow_core.eval.baselines import SKLEARN_GRIDS, gaussian_baseline, sklearn_baselines  # noqa: E402
 from mixflow_core.data import DataConfig, load_data  # noqa: E402
+from mixflow_core.eval.baselines import SKLEARN_GRIDS, gaussian_baseline, sklearn_baselines  # noqa: E402
 from mixflow_core.eval.metrics import evaluate  # noqa: E402
 from mixflow_core.flows.model import build_model  # noqa: E402
-from mixflow_core.training.profiles import apply_overrides, get_profile  # noqa: E402
+from mixflow_core.training.config import apply_overrides  # noqa: E402
+from mixflow_core.training.profiles import get_profile  # noqa: E402
 from mixflow_core.training.runs import parse_set  # noqa: E402
+
+# --eval-logdet: the model.eval_logdet override (series with 10 terms, as eval_n_terms defaulted to; same: null)
+EVAL_LOGDET = {
+    "exact": "exact",
+    "power_series": {"type": "power_series", "n_terms": 10},
+    "russian_roulette": {"type": "russian_roulette", "n_exact_terms": 10},
+    "same": None,
+}
 
 
 # -- baselines (mixflow_core.eval.baselines), as rows of this benchmark's table -------------------------------
@@ -65,13 +75,14 @@ def baseline_rows(data, alpha: float, copies: int, seed: int = 0) -> list[dict]:
 
 # -- the mixture flow ------------------------------------------------------------------------------
 def train_flow(cfg, data, seed: int, eval_logdet: str) -> dict:
-    cfg = apply_overrides(cfg, {"train.seed": seed, "train.progress": False, "model.eval_logdet": eval_logdet})
+    cfg = apply_overrides(cfg, {"train.seed": seed, "runtime.progress": False,
+                                "model.eval_logdet": EVAL_LOGDET[eval_logdet]})
     torch.manual_seed(seed)
     model = build_model(data.data_shape, data.num_classes, data.levels, cfg.model, cfg.prior, data.class_counts())
     from mixflow_core.training.fit import fit
 
     load0, w0, c0 = loadavg(), time.perf_counter(), time.process_time()
-    history = fit(model, data, cfg.train)
+    history = fit(model, data, cfg.train, cfg.runtime)
     wall, cpu = time.perf_counter() - w0, time.process_time() - c0
     torch.manual_seed(10_000 + seed)  # dequantisation noise of the evaluation
     t0 = time.perf_counter()
@@ -96,8 +107,9 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--profile", default="default")
     ap.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
-                    help="profile overrides by dotted name, JSON values, e.g. train.beta=8 model.hidden=[64,64]")
-    ap.add_argument("--eval-logdet", default="exact", choices=["exact", "power_series", "russian_roulette", "same"])
+                    help="profile overrides by dotted name, JSON values, e.g. train.objective.beta=8 "
+                         "model.arch.hidden=[64,64]")
+    ap.add_argument("--eval-logdet", default="exact", choices=list(EVAL_LOGDET))
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--gauss-copies", type=int, default=10, help="dequantised copies of the data for the Gaussian fit")
     ap.add_argument("--skip-baselines", action="store_true")
@@ -105,7 +117,7 @@ def main() -> None:
     ap.add_argument("--json", help="also write all rows to this JSON file")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    cfg = apply_overrides(get_profile("digits", args.profile), {"train.threads": args.threads, **parse_set(args.set)})
+    cfg = apply_overrides(get_profile("digits", args.profile), {"runtime.threads": args.threads, **parse_set(args.set)})
     data = load_data(DataConfig("digits", seed=0))
     print(header(args.threads))
     print(f"split: train {len(data.train)}, val {len(data.val)}, test {len(data.test)}; uniform model = "

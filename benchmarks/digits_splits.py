@@ -7,8 +7,9 @@ two models image by image.
 
 For each split seed s:
 - data.seed = s (a different stratified split) and train.seed = s; the digits profile (plus any
-  --set overrides; train.max_minutes = None, so the epoch budget decides) is trained into RUN_ROOT/split<s> by runs.ensure_run: a finished run is reused,
-  an interrupted one resumed, so nothing is lost when the script is stopped;
+  --set overrides; runtime.max_minutes = None, so the epoch budget decides) is trained into
+  RUN_ROOT/split<s> by runs.ensure_run: a finished run is reused, an interrupted one resumed, so
+  nothing is lost when the script is stopped;
 - the flow's test table log p(x|k) comes from its best checkpoint with `--draws` dequantisation
   draws, seeded exactly like its metrics.json (checked);
 - the Gaussian baseline is fitted on the same split (baselines.gaussian_test_table, noise seed s,
@@ -37,17 +38,19 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import header, table  # noqa: E402
 
-from mixflow_core.eval.baselines import gaussian_test_table  # noqa: E402
 from mixflow_core.data import load_data  # noqa: E402
+from mixflow_core.eval.baselines import gaussian_test_table  # noqa: E402
 from mixflow_core.eval.metrics import bits_per_dim, log_likelihood_table  # noqa: E402
-from mixflow_core.training.profiles import apply_overrides, get_profile  # noqa: E402
+from mixflow_core.training.config import apply_overrides  # noqa: E402
+from mixflow_core.training.profiles import get_profile  # noqa: E402
 from mixflow_core.training.runs import ensure_run, load_run_model, parse_set, read_json, seeded_rng  # noqa: E402
 
 
 def split_config(split: int, profile: str, overrides: dict):
     base = apply_overrides(get_profile("digits", profile), overrides)
     # an epoch budget, not the profile's wall-clock one: results must not depend on the machine's load
-    fixed = {"data.seed": split, "train.seed": split, "train.threads": 1, "train.progress": False, "train.max_minutes": None}
+    fixed = {"data.seed": split, "train.seed": split, "runtime.threads": 1, "runtime.progress": False,
+             "runtime.max_minutes": None}
     return apply_overrides(base, fixed)
 
 
@@ -73,7 +76,7 @@ def compare_split(split: int, run_root: str, draws: int) -> dict:
     data = load_data(cfg.data)
     metrics = read_json(run_dir / "metrics.json")
     with seeded_rng(cfg.train.seed, torch.device("cpu")):  # as runs.train_run scored test
-        flow_table, y = log_likelihood_table(model, data.test, cfg.train.eval_batch_size, "cpu", draws)
+        flow_table, y = log_likelihood_table(model, data.test, cfg.runtime.eval_batch_size, "cpu", draws)
     log_py = model.prior.log_class_probs.detach().double()
     flow_ok, flow_bpd = per_image(flow_table, y, log_py, model.dim)
     if draws == metrics["test"]["draws"]:  # the same seeded draws as metrics.json: the same numbers

@@ -1,12 +1,12 @@
 """Fashion-MNIST on CPU: the smoke profile end to end, and a timed short run of the default profile.
 
 (a) smoke: load_data -> build_model -> fit -> metrics.evaluate on the full test set (10,000).
-(b) default profile for `--minutes` of training (TrainConfig.max_minutes, checked after each
+(b) default profile for `--minutes` of training (RuntimeConfig.max_minutes, checked after each
     epoch): to fit the budget, the training set is cut (stratified, `--train-limit`; auto: from
-    the measured step speed so that ~`--epochs` epochs fit) and epochs set to `--epochs`.
+    the measured step speed so that ~`--epochs` epochs fit) and runtime.epochs set to `--epochs`.
     Reports training images/s, then test accuracy / conditional and marginal bits/dim on
     `--test-limit` test images (first N of the official test set; 0 = all), with the evaluation
-    time measured, in eval mode with the profile's eval log-det estimator (`same`: the training
+    time measured, in eval mode with the profile's eval log-det estimator (eval_logdet None: the training
     power series, 5 terms, one Hutchinson probe; bits/dim are therefore estimates).
 
     .venv/bin/python benchmarks/fashion_cpu.py [--minutes 10] [--threads 1] [--test-limit 0]
@@ -30,9 +30,9 @@ from _common import header, loadavg, table  # noqa: E402
 from mixflow_core.data import load_data  # noqa: E402
 from mixflow_core.eval.metrics import evaluate  # noqa: E402
 from mixflow_core.flows.model import build_model  # noqa: E402
-from mixflow_core.flows.objectives import make_objective  # noqa: E402
-from mixflow_core.training.profiles import apply_overrides, get_profile  # noqa: E402
+from mixflow_core.training.config import apply_overrides  # noqa: E402
 from mixflow_core.training.fit import fit  # noqa: E402
+from mixflow_core.training.profiles import get_profile  # noqa: E402
 from mixflow_core.training.runs import parse_set  # noqa: E402
 
 
@@ -43,7 +43,7 @@ def run(cfg, label: str, test_limit: int, seed: int = 0) -> dict:
     torch.manual_seed(seed)
     model = build_model(data.data_shape, data.num_classes, data.levels, cfg.model, cfg.prior, data.class_counts())
     load0, w0, c0 = loadavg(), time.perf_counter(), time.process_time()
-    history = fit(model, data, cfg.train)
+    history = fit(model, data, cfg.train, cfg.runtime)
     wall, cpu = time.perf_counter() - w0, time.process_time() - c0
     train_s = sum(e["epoch_seconds"] for e in history.epochs)  # the batches only, without validation
     n_batches = len(data.train) // cfg.train.batch_size
@@ -51,7 +51,7 @@ def run(cfg, label: str, test_limit: int, seed: int = 0) -> dict:
     test = data.test if not test_limit else Subset(data.test, range(min(test_limit, len(data.test))))
     torch.manual_seed(10_000 + seed)
     t0 = time.perf_counter()
-    m = evaluate(model, test, batch_size=cfg.train.eval_batch_size)
+    m = evaluate(model, test, batch_size=cfg.runtime.eval_batch_size)
     eval_s = time.perf_counter() - t0
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     for e in history.epochs:
@@ -74,7 +74,7 @@ def step_speed(cfg, steps: int = 6) -> float:
     data = load_data(apply_overrides(cfg, {"data.train_limit": 2000}).data)
     torch.manual_seed(0)
     model = build_model(data.data_shape, data.num_classes, data.levels, cfg.model, cfg.prior, data.class_counts())
-    objective = make_objective(cfg.train.objective, cfg.train.beta)
+    objective = cfg.train.objective  # Likelihood, Hybrid(beta) or PushAway(lam): a callable
     opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
     x, y = data.train.tensors[0][: cfg.train.batch_size], data.train.tensors[1][: cfg.train.batch_size]
     model.train()
@@ -97,7 +97,7 @@ def main() -> None:
     ap.add_argument("--test-limit", type=int, default=0, help="evaluate on the first N test images (0: all 10,000)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
-                    help="overrides of the default profile by dotted name, JSON values, e.g. train.beta=1")
+                    help="overrides of the default profile by dotted name, JSON values, e.g. train.objective.beta=1")
     ap.add_argument("--skip-smoke", action="store_true")
     ap.add_argument("--skip-default", action="store_true")
     ap.add_argument("--json")
@@ -106,7 +106,7 @@ def main() -> None:
     print(header(args.threads) + "\n")
     rows = []
     if not args.skip_smoke:
-        cfg = apply_overrides(get_profile("fashion-mnist", "smoke"), {"train.threads": args.threads})
+        cfg = apply_overrides(get_profile("fashion-mnist", "smoke"), {"runtime.threads": args.threads})
         t0 = time.perf_counter()
         row = run(cfg, "smoke", 0)
         row["total_s"] = time.perf_counter() - t0
@@ -114,15 +114,15 @@ def main() -> None:
         print(f"smoke config: {json.dumps(cfg.to_dict())}\n", flush=True)
     if not args.skip_default:
         cfg = get_profile("fashion-mnist", "default")
-        cfg = apply_overrides(cfg, {"train.threads": args.threads, "train.progress": False, **parse_set(args.set)})
+        cfg = apply_overrides(cfg, {"runtime.threads": args.threads, "runtime.progress": False, **parse_set(args.set)})
         speed = step_speed(cfg)
         limit = args.train_limit
         if limit is None:  # ~epochs epochs in the budget; validation (10% of it, forward only) costs little
             # per epoch: 0.9 L training images at `speed`, 0.1 L validation images (forward only, ~1.2x faster)
             limit = int(60 * args.minutes / args.epochs / (0.9 / speed + 0.1 / (1.2 * speed)) / 1.05)
         # max_minutes is checked after each epoch, so stop one epoch early if the next would overrun
-        cfg = apply_overrides(cfg, {"data.train_limit": limit, "train.epochs": args.epochs,
-                                    "train.max_minutes": args.minutes * (args.epochs - 1) / args.epochs})
+        cfg = apply_overrides(cfg, {"data.train_limit": limit, "runtime.epochs": args.epochs,
+                                    "runtime.max_minutes": args.minutes * (args.epochs - 1) / args.epochs})
         print(f"default profile: measured {speed:.1f} train img/s in a short probe -> train_limit {limit} "
               f"(train {int(limit * 0.9)} / val {limit - int(limit * 0.9)}), {args.epochs} epochs\n"
               f"config: {json.dumps(cfg.to_dict())}\n", flush=True)

@@ -42,7 +42,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import header, loadavg, table  # noqa: E402
 
-from mixflow_core import ModelConfig, PriorConfig, build_model  # noqa: E402
+from mixflow_core import MLP, ModelConfig, PowerSeries, PriorConfig, build_model  # noqa: E402
 from mixflow_core.data import DataConfig, load_data  # noqa: E402
 from mixflow_core.flows.objectives import likelihood  # noqa: E402
 
@@ -50,7 +50,8 @@ ALPHA, LEVELS = 0.05, 17
 
 
 def ours(power_rtol: float | None, neumann: bool, class_counts: torch.Tensor):
-    cfg = ModelConfig(arch=MLP(hidden=(128, 128), n_blocks=10), logdet=PowerSeries(n_probes=1, neumann_gradient=neumann, n_terms=5), coeff=0.9, power_rtol=power_rtol)
+    cfg = ModelConfig(arch=MLP(hidden=(128, 128), n_blocks=10), coeff=0.9, power_rtol=power_rtol,
+                      logdet=PowerSeries(n_terms=5, n_probes=1, neumann_gradient=neumann))
     model = build_model((64,), 10, LEVELS, cfg, PriorConfig(init="separated"), class_counts)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
 

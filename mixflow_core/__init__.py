@@ -1,23 +1,12 @@
-"""mixflow: normalizing flows (invertible residual networks) with a class-conditional Gaussian mixture prior."""
+"""mixflow: normalizing flows (invertible residual networks) with a class-conditional Gaussian mixture prior.
 
-from .flows import (
-    MLP, ActNorm, ClassConditionalGaussian, Conv, Exact, FixedPointInfo, Flow, FlowSequence, Hybrid, IdentityPreprocess,
-    Likelihood, LipSwish, LogitPreprocess, MixtureFlow, ModelConfig, PowerSeries, PriorConfig, PushAway, ResidualBlock,
-    RussianRoulette, SpectralConv2d, SpectralLinear, Squeeze, build_conv_iresnet, build_iresnet, build_mlp_iresnet,
-    build_model, fixed_point_inverse, from_dict, hybrid, init_means, likelihood, operator_norm, push_away, spectral_layers,
-    to_dict,
-)
+The package root re-exports the thin core, mixflow_core.flows (build_model, MixtureFlow, the
+configs, layers, estimators, objectives, prior); the layers above it (data, eval, training,
+study, cli) are imported by name.
+"""
 
-from .version import __version__  # noqa: F401
+from . import flows
+from .flows import *  # noqa: F403  (the core's public API, listed in flows.__all__)
+from .version import __version__
 
-__all__ = [
-    "MLP", "Conv", "ModelConfig", "PriorConfig", "from_dict", "to_dict",
-    "FixedPointInfo", "ResidualBlock", "build_conv_iresnet", "build_iresnet", "build_mlp_iresnet",
-    "fixed_point_inverse",
-    "ActNorm", "Flow", "FlowSequence", "Squeeze",
-    "LipSwish", "SpectralConv2d", "SpectralLinear", "operator_norm", "spectral_layers",
-    "Exact", "PowerSeries", "RussianRoulette",
-    "IdentityPreprocess", "LogitPreprocess", "MixtureFlow", "build_model",
-    "Hybrid", "Likelihood", "PushAway", "hybrid", "likelihood", "push_away",
-    "ClassConditionalGaussian", "init_means",
-]
+__all__ = [*flows.__all__, "__version__"]

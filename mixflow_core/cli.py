@@ -78,32 +78,43 @@ def _add_train(sub, common) -> None:
     t.add_argument("--data-root", help="directory with the dataset files (sets data.root)")
 
 
+def _run_dir_parser(sub, common, name: str, help: str, description: str) -> argparse.ArgumentParser:
+    """A command that reads a trained run: RUN_DIR and --device (default: the run's own)."""
+    parser = sub.add_parser(name, parents=[common], help=help, description=description)
+    parser.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    parser.add_argument("--device", help="default: the run's runtime.device")
+    return parser
+
+
 def _add_evaluate(sub, common) -> None:
-    e = sub.add_parser("evaluate", parents=[common], help="metrics of a trained run on the test or validation split",
-                       description="Rebuild the model from RUN_DIR/config.json, load best.pt (else checkpoint.pt) and "
-                       "write accuracy, bits/dim (conditional, marginal), ECE and the confusion matrix as JSON.")
-    e.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    e = _run_dir_parser(sub, common, "evaluate", "metrics of a trained run on the test or validation split",
+                        "Rebuild the model from RUN_DIR/config.json, load best.pt (else checkpoint.pt) and write "
+                        "accuracy, bits/dim (conditional, marginal), ECE and the confusion matrix as JSON.")
     e.add_argument("--split", choices=("test", "val"), default="test")
     e.add_argument("--out", type=Path, help="metrics JSON (default: RUN_DIR/eval-<split>.json)")
     e.add_argument("--seed", type=int, help="seed of dequantisation noise and probes (default: the run's train.seed, "
                    "which reproduces metrics.json)")
-    e.add_argument("--device", help="default: the run's runtime.device")
     e.add_argument("--draws", type=int, help="dequantisation draws averaged per image (importance-weighted bound; "
                    "needs an exact eval log-det); default: the run's runtime.eval_draws")
     e.add_argument("--data-root", help="where the dataset files are now (default: the run's data.root)")
 
 
 def _add_sample(sub, common) -> None:
-    s = sub.add_parser("sample", parents=[common], help="PNG of samples per class",
-                       description="Sample z ~ N(mu_y, T^2 sigma_y^2), x = f^-1(z): a grid with one row per class "
-                       "(images), or a scatter plot coloured by class (2-D data).")
-    s.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    s = _run_dir_parser(sub, common, "sample", "PNG of samples per class",
+                        "Sample z ~ N(mu_y, T^2 sigma_y^2), x = f^-1(z): a grid with one row per class (images), "
+                        "or a scatter plot coloured by class (2-D data).")
     s.add_argument("--classes", type=int, nargs="+", help="class indices, one row each (default: all)")
     s.add_argument("--n", type=int, default=8, help="samples per class (default 8)")
     s.add_argument("--temperature", type=float, default=0.7, help="T, scales the prior's std (default 0.7)")
     s.add_argument("--seed", type=int, default=0, help="seed of the sampling torch.Generator (default 0)")
     s.add_argument("--out", type=Path, help="image file (default: RUN_DIR/samples.png)")
-    s.add_argument("--device", help="default: the run's runtime.device")
+
+
+def _dataset_and_profile(parser: argparse.ArgumentParser, dataset_default: str | None, profile_help: str) -> None:
+    """--dataset (required when there is no default) and --profile (default: default)."""
+    parser.add_argument("--dataset", choices=DATASETS, default=dataset_default, required=dataset_default is None,
+                        help=f"default: {dataset_default}" if dataset_default else None)
+    parser.add_argument("--profile", choices=PROFILES, default="default", help=f"{profile_help} (default: default)")
 
 
 def _add_ablate(sub, common) -> None:
@@ -111,8 +122,7 @@ def _add_ablate(sub, common) -> None:
                        description="Train the student configuration (the original student model's choices), one "
                        "variant per factor changed toward the fix, and the dataset profile itself, with the same seeds "
                        "and budget; write OUT/ablation.json and OUT/ablation.md. Rerunning skips finished rows.")
-    a.add_argument("--dataset", choices=DATASETS, required=True)
-    a.add_argument("--profile", choices=PROFILES, default="default", help="architecture and data (default: default)")
+    _dataset_and_profile(a, None, "architecture and data")
     a.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds, each run for every variant (default 0)")
     a.add_argument("--epochs", type=int, default=30, help="epochs per run, no early stopping (default 30)")
     a.add_argument("--max-minutes", type=float, help="wall-clock budget per run")
@@ -127,8 +137,7 @@ def _add_report(sub, common) -> None:
                        description="Execute notebooks/01-04 with papermill: train the fixed and the student "
                        "configuration (reusing finished runs), diagnose overlap, sample, and write the results "
                        "table. Executed notebooks go to --reports-dir, figures and the table to --figures-dir.")
-    r.add_argument("--dataset", choices=DATASETS, default="digits", help="default: digits")
-    r.add_argument("--profile", choices=PROFILES, default="default", help="default: default")
+    _dataset_and_profile(r, "digits", "smoke (seconds), default (CPU) or full (GPU scale)")
     r.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
     r.add_argument("--seed", type=int, default=0, help="training seed of both configurations (default 0)")
     r.add_argument("--data-root", help="directory with the dataset files (fashion-mnist, cifar10)")

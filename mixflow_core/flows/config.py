@@ -197,7 +197,7 @@ def from_dict(cls: type[_C], data: dict[str, Any], where: str | None = None) -> 
     kwargs = {}
     for name, value in data.items():
         hint = hints[name]
-        if tagged_types(hint) and value is not None:
+        if tagged_types(hint) and not (value is None and type(None) in typing.get_args(hint)):
             kwargs[name] = parse_tagged(hint, value, f"{where}.{name}")
         elif dataclasses.is_dataclass(hint) and isinstance(value, dict):
             kwargs[name] = from_dict(hint, value, f"{where}.{name}")

@@ -53,15 +53,10 @@ class _SpectralNormMixin(nn.Module):
     def refresh(self) -> int:
         """n_power_iterations, then more until sigma settles (relative change <= power_rtol); returns the count.
 
-        A fixed count falls behind in training: the gradient through sigma = u^T W v shrinks
-        W along the estimated (u, v) while the loss grows other directions, so the top
-        singular vector rotates away from the estimate. With one iteration per step the
-        operator norm reached ~1.13 for coeff 0.9 (NLL training of a 2-D MLP i-ResNet, fp32)
-        and ~1.1 for coeff 0.7 (50 Adam steps maximising the output); iterating to this
-        tolerance kept them near 0.92 and 0.71. Residual Flows likewise iterates to a tolerance.
-        On the digits model (10 blocks, 64-128-128-64, coeff 0.9, 300 Adam steps) the largest
-        operator norm was 0.994 with 1 iteration, 0.931 with rtol 1e-4 (1.6x step time) and
-        0.917 with rtol 1e-6 (5x): 1e-4 is the default trade-off; power_rtol=None turns it off.
+        Why a tolerance: a fixed count falls behind in training (the top singular vector rotates
+        away from the estimate and the operator norm overshoots coeff); the measurements behind
+        the default rtol 1e-4 are in benchmarks/RESULTS.md, "Spectral normalisation: iterations
+        per step". power_rtol=None turns it off.
         """
         self.power_iterate(self.n_power_iterations)
         if self.power_rtol is None:

@@ -28,6 +28,26 @@ class MixtureFlow(nn.Module):
 
     Generates (z ~ N(mu_y, T^2 sigma_y^2), x = f^{-1}(z)) and classifies by Bayes' rule
     (argmax_y log p(x|y) + log p(y)).
+
+    From data to latent, three calls, named by what they return:
+    - ``latent(x)`` -> z: the map alone (diagnostics, plots);
+    - ``latent_and_logdet(x)`` -> (z, log|det dz/dx|): the map and its log-determinant;
+    - ``log_prob_all(x)`` -> log p(x|k) for every class: the density, the only place it is assembled.
+    (Each flow layer likewise has ``forward(x) -> (z, logdet)`` and ``transform(x) -> z``.)
+
+    Example:
+        >>> import torch
+        >>> from mixflow_core import MLP, ModelConfig, build_model
+        >>> model = build_model((4,), 3, 17, ModelConfig(arch=MLP(hidden=(8,), n_blocks=2))).eval()
+        >>> x = torch.randint(0, 17, (5, 4))
+        >>> model.log_prob_all(x).shape, model.latent(x).shape
+        (torch.Size([5, 3]), torch.Size([5, 4]))
+        >>> bool(torch.allclose(model.posterior(x).sum(1), torch.ones(5)))
+        True
+        >>> model.predict(x).shape, model.bits_per_dim(x, model.predict(x)).shape
+        (torch.Size([5]), torch.Size([5]))
+        >>> model.sample(2, n=6, temperature=0.7).shape  # 6 samples of class 2, integer levels
+        torch.Size([6, 4])
     """
 
     def __init__(
@@ -57,7 +77,7 @@ class MixtureFlow(nn.Module):
         self.preprocess.check(x)
 
     # -- the one place densities are assembled ------------------------------------------
-    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def latent_and_logdet(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x -> (z flattened (B, D), log|det dz/dx| (B,) incl. preprocessing and -D log L)."""
         self._check_x(x)
         # the model's dtype: integer levels (e.g. uint8) must not truncate u to 0, and float32 data (toy2d)
@@ -68,14 +88,14 @@ class MixtureFlow(nn.Module):
         return z.flatten(1), logdet_pre + logdet_flow
 
     def latent(self, x: Tensor) -> Tensor:
-        """z = f(h(x)) flattened (B, D), without any log-determinant: encode(x)[0] at a fraction of the cost."""
+        """z = f(h(x)) flattened (B, D): latent_and_logdet(x)[0] without the log-determinant's cost."""
         self._check_x(x)
         h, _ = self.preprocess(x.to(self.prior.means.dtype))
         return self.flow.transform(h).flatten(1)
 
     def log_prob_all(self, x: Tensor) -> Tensor:
         """log p(x | k) for every class k: (B, ...) -> (B, K)."""
-        z, logdet = self.encode(x)
+        z, logdet = self.latent_and_logdet(x)
         return self.prior.log_prob_all(z) + logdet[:, None]
 
     def forward(self, x: Tensor) -> Tensor:
@@ -140,7 +160,27 @@ def build_model(
     prior_cfg: PriorConfig = PriorConfig(),
     class_counts: Tensor | None = None,
 ) -> MixtureFlow:
-    """MixtureFlow for data of per-sample `data_shape` with `levels` quantisation levels (None: continuous)."""
+    """The mixture flow for data of per-sample shape `data_shape`: preprocessing, i-ResNet, class Gaussians.
+
+    Args:
+        data_shape: per-sample shape, (D,) for ModelConfig(arch=MLP(...)) or (C, H, W) for Conv(...).
+        num_classes: K, one Gaussian per class.
+        levels: quantisation levels L of the data (17 for digits, 256 for images); None for
+            continuous data (identity preprocessing, densities in nats).
+        model_cfg: the flow (architecture, Lipschitz bound, log-det estimators, ...).
+        prior_cfg: the class-conditional Gaussians (init scheme, what is learned, covariance).
+        class_counts: (K,) training counts for the empirical p(y); None: uniform.
+
+    Returns:
+        A MixtureFlow in training mode.
+
+    Example:
+        >>> from mixflow_core import Conv, ModelConfig, PriorConfig, build_model
+        >>> model = build_model((1, 8, 8), 10, 256, ModelConfig(arch=Conv(channels=4, n_blocks=1, n_scales=2)),
+        ...                     PriorConfig(init="orthogonal", separation=5.0))
+        >>> model.latent_shape, model.dim, model.num_classes
+        ((4, 4, 4), 64, 10)
+    """
     flow = build_iresnet(tuple(data_shape), model_cfg)
     latent_dim = math.prod(flow.output_shape(tuple(data_shape)))
     prior = ClassConditionalGaussian(num_classes, latent_dim, prior_cfg, class_counts)

@@ -8,6 +8,7 @@ same functions as typed, frozen values a TrainConfig holds (a tagged dict in JSO
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
@@ -68,8 +69,8 @@ class Hybrid:
     beta: float = 1.0  # weight of the cross-entropy against the per-dimension NLL; near D gives p(y|x) real weight
 
     def __post_init__(self) -> None:
-        if self.beta < 0:
-            raise ValueError(f"beta must be >= 0, got {self.beta}")
+        if not math.isfinite(self.beta) or self.beta < 0:
+            raise ValueError(f"beta must be finite and >= 0, got {self.beta}")
 
     def __call__(self, log_px_all: Tensor, y: Tensor, log_py: Tensor, dim: int) -> Tensor:
         return hybrid(log_px_all, y, log_py, dim, self.beta)
@@ -81,6 +82,10 @@ class PushAway:
 
     kind: ClassVar[str] = "push_away"
     lam: float = 0.05  # weight of the other classes' log-densities
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.lam):
+            raise ValueError(f"lam must be finite, got {self.lam}")
 
     def __call__(self, log_px_all: Tensor, y: Tensor, log_py: Tensor, dim: int) -> Tensor:
         return push_away(log_px_all, y, log_py, dim, self.lam)

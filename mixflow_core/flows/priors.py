@@ -101,7 +101,26 @@ def init_means(
 
 
 class ClassConditionalGaussian(nn.Module):
-    """p(z|y) = N(z; mu_y, Sigma_y), one Gaussian per class: diagonal, or full with covariance="full"."""
+    """p(z|y) = N(z; mu_y, Sigma_y), one Gaussian per class: diagonal, or full with covariance="full".
+
+    Args:
+        num_classes: K components, one per class.
+        dim: D, the latent dimension (every latent dimension gets the class prior).
+        cfg: init scheme, what is learned, covariance kind, p(y).
+        class_counts: (K,) counts for the empirical p(y) (None: uniform).
+
+    Example:
+        >>> import torch
+        >>> from mixflow_core import ClassConditionalGaussian, PriorConfig
+        >>> prior = ClassConditionalGaussian(3, 4, PriorConfig(init="orthogonal", separation=5.0))
+        >>> prior.mean_distances()  # in sigma units: every pair exactly 5 apart
+        tensor([[0., 5., 5.],
+                [5., 0., 5.],
+                [5., 5., 0.]])
+        >>> z = prior.sample(torch.tensor([0, 1, 2]), temperature=0.0)  # T = 0: the means themselves
+        >>> prior.log_prob_all(z).argmax(1)  # (B, K) log N(z; mu_k, Sigma_k)
+        tensor([0, 1, 2])
+    """
 
     def __init__(self, num_classes: int, dim: int, cfg: PriorConfig = PriorConfig(), class_counts: Tensor | None = None) -> None:
         super().__init__()

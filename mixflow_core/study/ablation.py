@@ -92,7 +92,7 @@ def _budget(cfg: RunConfig, epochs: int, max_minutes: float | None, seed: int) -
         cfg,
         model=replace(cfg.model, eval_logdet=eval_logdet),
         train=replace(cfg.train, early_stopping="none", seed=seed),
-        runtime=replace(cfg.runtime, epochs=epochs, max_minutes=max_minutes, progress=False),
+        runtime=replace(cfg.runtime, epochs=epochs, max_minutes=max_minutes, progress=False, eval_draws=1),  # one draw
     )
 
 

@@ -373,7 +373,7 @@ def fig_image_strip(images: np.ndarray, labels: list[str] | None = None, title: 
 def fig_ablation(rows: list[dict[str, Any]], chance: float | None = None) -> Figure:
     """Test accuracy and bits/dim per ablation variant (rows of ablation.ablate): bars = mean over seeds, dots = seeds.
 
-    Variants keep the table's order (seed first, combined fix last); diverged runs are marked
+    Variants keep the table's order (student first, combined fix last); diverged runs are marked
     with a cross at zero accuracy. `chance` draws the 1/K line.
     """
     order: list[str] = []

@@ -7,12 +7,13 @@ runs in JupyterLab (cwd notebooks/), under papermill, or from a test.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from ..training.io import write_json
 
 __all__ = ["project_root", "project_path", "project_relative", "NOTEBOOKS", "ReportError", "Step", "plan", "execute", "run_report",
            "default_figures_dir", "FigureLog"]
@@ -74,7 +75,13 @@ def plan(
     data_root: str | None = None, retrain: bool = False, ablation_json: str | Path | None = None,
     tsne: bool = True, baselines: str = "full",
 ) -> list[Step]:
-    """The five notebook executions of a report (01 twice: student and fixed configuration), with absolute paths."""
+    """The five notebook executions of a report (01 twice: fixed and student configuration), with absolute paths.
+
+    Example:
+        >>> [(s.notebook, s.parameters.get("config")) for s in plan("digits", "smoke")]  # doctest: +NORMALIZE_WHITESPACE
+        [('01_train.ipynb', 'fixed'), ('01_train.ipynb', 'student'), ('02_overlap_diagnosis.ipynb', None),
+         ('03_sampling.ipynb', None), ('04_report_figures.ipynb', None)]
+    """
     from ..training.profiles import get_profile
     from .analysis import CONFIGS
 
@@ -149,7 +156,26 @@ def execute(step: Step, kernel_name: str = KERNEL, stream: bool = False) -> floa
 def run_report(
     steps: list[Step], kernel_name: str = KERNEL, stream: bool = False, echo: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Execute `steps` in order, echoing progress; returns {steps, seconds, table_md, table} (also reports/report.json)."""
+    """Execute `steps` (from `plan`) in order with papermill, echoing progress.
+
+    Args:
+        steps: the notebook executions, e.g. plan("digits", "default").
+        kernel_name: the Jupyter kernel (python3).
+        stream: copy the kernels' output (one line per epoch) to ours.
+        echo: where progress lines go.
+
+    Returns:
+        {steps, seconds, figures_dir, table_md, table}, also written to <reports>/report.json.
+
+    Raises:
+        ReportError: a notebook failed; the message names it, the cell and the partial output.
+
+    Example (not a doctest: it executes the notebooks, a minute on the smoke profile; tests/study/
+    test_notebooks.py runs exactly this and checks what it writes)::
+
+        summary = run_report(plan("digits", "smoke", baselines="fast"))
+        print(summary["table"])
+    """
     t0, done = time.perf_counter(), []
     for i, step in enumerate(steps, 1):
         echo(f"[{i}/{len(steps)}] {step.notebook}: {step.title} ...")
@@ -165,8 +191,7 @@ def run_report(
         "table_md": str(table_md) if table_md else None,
         "table": table_md.read_text() if table_md and table_md.is_file() else "",
     }
-    reports = steps[-1].output.parent
-    (reports / "report.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(steps[-1].output.parent / "report.json", summary)
     return summary
 
 

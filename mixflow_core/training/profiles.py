@@ -25,7 +25,7 @@ _CONV_IMAGE = dict(coeff=0.9, logdet=PowerSeries(n_terms=5), actnorm=True)
 def _profiles() -> dict[tuple[str, str], RunConfig]:
     p: dict[tuple[str, str], RunConfig] = {}
     # digits: 64-D vectors, 17 levels. beta 1, lr 3e-3 cosine and the spectral norm iterated to its tolerance were
-    # chosen on validation (RESULTS.md "Digits quality"); the exact eval log-det keeps early stopping free of
+    # chosen on validation (RESULTS.md "Why the defaults are"); the exact eval log-det keeps early stopping free of
     # Hutchinson noise, and 16 dequantisation draws keep the final metrics from moving with the noise seed.
     p["digits", "default"] = RunConfig(
         DataConfig("digits"),

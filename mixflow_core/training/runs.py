@@ -1,7 +1,7 @@
 """Run directories: what a training run leaves behind, and how to read it back.
 
 A run directory holds
-- ``config.json``: RunConfig.to_dict() (sections data / model / prior / train), the profile
+- ``config.json``: RunConfig.to_dict() (sections data / model / prior / train / runtime), the profile
   name, and ``dataset_info`` (data_shape, levels, num_classes, class names and counts, split
   sizes) so that a model can be rebuilt without loading the data;
 - ``checkpoint.pt`` (last epoch, for resuming) and ``best.pt`` (best validated weights),
@@ -53,7 +53,7 @@ def one_line(err: BaseException) -> str:
 
 # -- configuration ---------------------------------------------------------------------------
 def parse_set(items: list[str]) -> dict[str, Any]:
-    """["train.lr=3e-4", "model.hidden=[64,64]", "data.root=/d"] -> dotted overrides; values as JSON, else str."""
+    """["train.lr=3e-4", "model.arch.hidden=[64,64]", "data.root=/d"] -> dotted overrides; values as JSON, else str."""
     out: dict[str, Any] = {}
     for item in items:
         key, eq, raw = item.partition("=")
@@ -111,8 +111,9 @@ def refuse_resume_changes(saved: RunConfig, new: RunConfig, run_dir: Path, what:
     refused = resume_conflicts(saved.to_dict(), new.to_dict())
     if refused:
         change = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in refused.items())
+        hint = " (or pass retrain=True to replace it)" if what.startswith("ensure_run") else ""
         raise RunError(f"{what} {run_dir / CONFIG} but changes {change}; only runtime.* and data.root / data.download "
-                       "may change on resume: start a new run directory for a different configuration")
+                       f"may change on resume: start a new run directory for a different configuration{hint}")
 
 
 # -- the run directory -------------------------------------------------------------------------

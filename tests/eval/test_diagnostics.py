@@ -7,7 +7,9 @@ from scipy.stats import norm
 
 from mixflow_core import MLP, ClassConditionalGaussian, ModelConfig, PriorConfig, build_model
 from mixflow_core.data import DataConfig, load_data
-from mixflow_core.eval.diagnostics import bhattacharyya, embed, latents, nearer_other_fraction, overlap_summary
+from mixflow_core.eval.diagnostics import (
+    bhattacharyya, embed, latents, nearer_other_fraction, overlap_summary, prior_overlap,
+)
 
 
 def _prior(means, log_scales) -> ClassConditionalGaussian:
@@ -52,7 +54,8 @@ def test_nearer_other_fraction_counts_latents_closer_to_another_mean() -> None:
 
 def test_overlap_summary_and_latents_on_a_small_model() -> None:
     data = load_data(DataConfig("digits", train_limit=200))
-    model = build_model(data.data_shape, 10, 17, ModelConfig(arch=MLP(n_blocks=1, hidden=(8,))), PriorConfig(init="orthogonal"))
+    cfg = ModelConfig(arch=MLP(n_blocks=1, hidden=(8,)))
+    model = build_model(data.data_shape, 10, 17, cfg, PriorConfig(init="orthogonal"))
     z, y = latents(model, data.val)
     assert z.shape == (len(data.val), 64) and torch.equal(y, data.val.tensors[1])
     summary = overlap_summary(model, data.val)
@@ -60,6 +63,9 @@ def test_overlap_summary_and_latents_on_a_small_model() -> None:
     assert summary["mean_dist_median_sigma"] == pytest.approx(5.0, abs=1e-9)
     assert summary["bhattacharyya_mean"] == pytest.approx(np.exp(-25 / 8), rel=1e-9)
     assert 0.0 <= summary["nearer_other_fraction"] <= 1.0
+    overlap = prior_overlap(model.prior)  # the one source of the prior's numbers (the history records them too)
+    assert set(overlap) == {"mean_dist_min_sigma", "mean_dist_median_sigma", "bhattacharyya_mean", "bhattacharyya_max"}
+    assert {k: summary[k] for k in overlap} == overlap
 
 
 def test_embed_pca_and_tsne() -> None:

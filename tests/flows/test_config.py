@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from mixflow_core import (
-    MLP, Conv, Exact, LogitPreprocess, ModelConfig, PowerSeries, PriorConfig, RussianRoulette, SpectralConv2d,
+    MLP, Conv, Exact, Hybrid, LogitPreprocess, ModelConfig, PowerSeries, PriorConfig, PushAway, RussianRoulette,
+    SpectralConv2d,
     SpectralLinear, build_model, from_dict, to_dict,
 )
 from mixflow_core.flows.iresnet import ResidualBlock, build_iresnet
@@ -213,3 +214,39 @@ def test_blocks_use_the_configured_estimators(eval_logdet):
     for block in blocks:
         assert block.logdet == PowerSeries(n_terms=3)
         assert block.eval_logdet == (PowerSeries(n_terms=3) if eval_logdet is None else eval_logdet)
+
+
+@pytest.mark.parametrize(
+    "cls, data, where",
+    [
+        (ModelConfig, {"arch": {"type": "mlp", "hidden": 8}}, "ModelConfig.arch.hidden"),
+        (ModelConfig, {"coeff": "0.9"}, "ModelConfig.coeff"),
+        (ModelConfig, {"activation": "relu"}, "ModelConfig.activation"),
+        (ModelConfig, {"logdet": {"type": "power_series", "n_terms": 2.5}}, "ModelConfig.logdet.n_terms"),
+        (PriorConfig, {"init": "seed"}, "PriorConfig.init"),  # the student's old name: RunConfig.from_dict upgrades it
+        (PriorConfig, {"learn_means": 1}, "PriorConfig.learn_means"),
+    ],
+    ids=["hidden-int", "coeff-str", "activation", "n_terms-float", "init-seed", "bool-int"],
+)
+def test_from_dict_rejects_a_value_of_the_wrong_type(cls, data, where):
+    with pytest.raises(ValueError, match=rf"{where} must be"):
+        from_dict(cls, data)
+
+
+def test_null_is_refused_where_a_value_is_required():
+    with pytest.raises(ValueError, match="ModelConfig.logdet must be one of"):
+        from_dict(ModelConfig, {"logdet": None})
+    with pytest.raises(ValueError, match="ModelConfig.arch must be one of"):
+        from_dict(ModelConfig, {"arch": None})
+    assert from_dict(ModelConfig, {"eval_logdet": None}).eval_logdet is None  # nullable: the training estimator
+
+
+def test_russian_roulette_never_cuts_below_its_exact_terms():
+    with pytest.raises(ValueError, match="max_terms >= n_exact_terms"):
+        RussianRoulette(n_exact_terms=5, max_terms=3)
+
+
+@pytest.mark.parametrize("make", [lambda: Hybrid(beta=float("nan")), lambda: PushAway(lam=float("nan"))])
+def test_objective_weights_must_be_finite(make):
+    with pytest.raises(ValueError, match="finite"):
+        make()

@@ -219,9 +219,9 @@ def test_sample_reproducible_with_generator():
 
 
 @pytest.mark.parametrize("levels", [17, None])
-def test_decode_inverts_encode(levels):
+def test_decode_inverts_latent_and_logdet(levels):
     model, x = exact_eval_model(d=3, levels=levels)
-    z, _ = model.encode(x)
+    z, _ = model.latent_and_logdet(x)
     back = model.decode(z.detach())
     if levels is None:
         torch.testing.assert_close(back, x, rtol=0, atol=1e-8)
@@ -229,10 +229,10 @@ def test_decode_inverts_encode(levels):
         assert torch.equal(back, x)  # midpoint of each bin maps back to the same level
 
 
-def test_samples_survive_encode_decode():
+def test_samples_survive_latent_and_decode():
     model, _ = exact_eval_model(d=3)
     s = model.sample(2, n=30, generator=torch.Generator().manual_seed(1))
-    assert torch.equal(model.decode(model.encode(s)[0].detach()), s)
+    assert torch.equal(model.decode(model.latent_and_logdet(s)[0].detach()), s)
 
 
 def test_zero_temperature_sample_is_the_decoded_mean():
@@ -338,7 +338,7 @@ def flow_jacobian_logdet(model: MixtureFlow, y: torch.Tensor, to_h) -> torch.Ten
 def test_log_prob_is_prior_density_of_latent_plus_logdet():
     model, x = exact_eval_model(d=3)
     y = torch.tensor([0, 1, 2] * 5 + [0])
-    z, logdet = model.encode(x)
+    z, logdet = model.latent_and_logdet(x)
     z, logdet = z.detach().numpy(), logdet.detach().numpy()
     mu, sig = model.prior.means.detach().numpy(), torch.exp(model.prior.log_scales).detach().numpy()
     log_pz = np.array([multivariate_normal.logpdf(z[i], mu[c], np.diag(sig[c] ** 2)) for i, c in enumerate(y.tolist())])
@@ -348,7 +348,7 @@ def test_log_prob_is_prior_density_of_latent_plus_logdet():
 def test_whole_model_logdet_equals_jacobian_of_continuous_map():
     levels, d = 17, 3
     model, x = exact_eval_model(d=d, levels=levels)
-    logdet = model.encode(x)[1].detach()
+    logdet = model.latent_and_logdet(x)[1].detach()
 
     def to_h(y: torch.Tensor) -> torch.Tensor:  # y in (0, 1) -> logit space, as LogitPreprocess does
         return torch.logit(ALPHA + (1 - 2 * ALPHA) * y)
@@ -362,7 +362,7 @@ def test_whole_model_logdet_equals_jacobian_of_continuous_map():
 def test_continuous_model_density_against_jacobian_and_scipy():
     model, x = exact_eval_model(d=3, levels=None)
     assert isinstance(model.preprocess, IdentityPreprocess)
-    z, logdet = (t.detach() for t in model.encode(x))
+    z, logdet = (t.detach() for t in model.latent_and_logdet(x))
     mu, sig = model.prior.means.detach().numpy(), torch.exp(model.prior.log_scales).detach().numpy()
     log_all = model.log_prob_all(x).detach().numpy()
     for i in range(3):
@@ -374,8 +374,8 @@ def test_continuous_model_density_against_jacobian_and_scipy():
 
 
 @pytest.mark.parametrize("arch", ["mlp", "conv"])
-def test_latent_is_encode_without_the_log_det(arch):
-    """model.latent(x) = encode(x)[0]: the same dequantisation draw, the same flow, no log-det work.
+def test_latent_is_latent_and_logdet_without_the_log_det(arch):
+    """model.latent(x) = latent_and_logdet(x)[0]: the same dequantisation draw, the same flow, no log-det work.
 
     Eval mode: in train mode the log-det estimator runs g with grad on, which advances the spectral
     norms' power iterations, so two train-mode passes do not see the same weights."""
@@ -386,7 +386,7 @@ def test_latent_is_encode_without_the_log_det(arch):
         torch.manual_seed(3)
         z = model.latent(x)
         torch.manual_seed(3)
-        want = model.encode(x)[0]
+        want = model.latent_and_logdet(x)[0]
     assert z.shape == (5, model.dim)
     torch.testing.assert_close(z, want, rtol=0, atol=1e-12)
     torch.manual_seed(4)  # another noise draw: another latent (the check above is not vacuous)

@@ -123,9 +123,9 @@ def test_typed_objectives_equal_the_functions():
 
 
 def test_typed_objectives_reject_bad_arguments():
-    with pytest.raises(ValueError, match="beta must be >= 0"):
+    with pytest.raises(ValueError, match="beta must be finite and >= 0"):
         Hybrid(beta=-1)
-    with pytest.raises(ValueError, match="beta must be >= 0"):
+    with pytest.raises(ValueError, match="beta must be finite and >= 0"):
         Hybrid(beta=-1.0)
     with pytest.raises(ValueError, match="unknown type 'nll'"):
         parse_tagged(TrainingObjective, "nll", "train.objective")
@@ -159,7 +159,8 @@ def accuracy_of(model, x: torch.Tensor, y: torch.Tensor) -> float:
 def test_hybrid_training_on_two_blobs_lowers_loss_and_classifies():
     x, y = two_blobs()
     # means start equal (zeros) and are learned: any class separation comes from training
-    model = build_model((2,), 2, None, ModelConfig(arch=MLP(hidden=(16,), n_blocks=2)), PriorConfig(init="zeros", learn_means=True))
+    model_cfg, prior_cfg = ModelConfig(arch=MLP(hidden=(16,), n_blocks=2)), PriorConfig(init="zeros", learn_means=True)
+    model = build_model((2,), 2, None, model_cfg, prior_cfg)
     assert accuracy_of(model, x, y) == 0.5  # identical components: argmax picks class 0 everywhere
     objective = Hybrid(beta=1.0)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)

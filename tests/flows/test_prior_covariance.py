@@ -452,7 +452,7 @@ def initial_latent_moments(rc: RunConfig, seed: int = 0) -> tuple[np.ndarray, np
     x, y = data.train.tensors
     model.eval()
     with torch.no_grad():
-        z = model.encode(x)[0].numpy()
+        z = model.latent_and_logdet(x)[0].numpy()
     return class_moments_np(z, y.numpy(), data.num_classes)
 
 
@@ -479,7 +479,7 @@ def test_init_prior_sets_the_class_moments_of_the_initial_latents(dataset):
     x, y = data.train.tensors
     model.eval()
     with torch.no_grad():
-        z = model.encode(x)[0].numpy()
+        z = model.latent_and_logdet(x)[0].numpy()
     means, covs = class_moments_np(z, y.numpy(), data.num_classes)
     d = z.shape[1]
     np.testing.assert_allclose(model.prior.means.detach().numpy(), means, rtol=0, atol=1e-12)
@@ -500,7 +500,7 @@ def test_init_prior_in_the_shipped_digits_configuration():
     x, y = data.train.tensors
     model.eval()
     with torch.no_grad():
-        z = model.encode(x)[0].numpy()
+        z = model.latent_and_logdet(x)[0].numpy()
     means, covs = class_moments_np(z, y.numpy(), data.num_classes)
     np.testing.assert_allclose(model.prior.means.detach().numpy(), means, rtol=0, atol=1e-10)
     np.testing.assert_allclose(model.prior.covariances().detach().numpy(), covs + rc.prior.moments_ridge * np.eye(64),
@@ -697,7 +697,7 @@ def test_moments_init_of_a_conv_image_model():
     assert not model.prior.needs_data_init
     model.eval()
     with torch.no_grad():
-        z = model.encode(x)[0].numpy()
+        z = model.latent_and_logdet(x)[0].numpy()
     means, covs = class_moments_np(z, y.numpy(), k)
     np.testing.assert_allclose(model.prior.means.detach().numpy(), means, rtol=0, atol=1e-10)
     var = np.diagonal(covs, axis1=1, axis2=2) + prior_cfg.moments_ridge

@@ -19,7 +19,7 @@ from mixflow_core.training.fit import _optimizer
 from mixflow_core.training.profiles import get_profile
 
 ROOT = Path(__file__).resolve().parents[2]
-OLD_ABLATION = ROOT / "benchmarks" / "ablation" / "digits-default.json"  # written by mixflow 0.1 (variant "seed")
+OLD_ABLATION = ROOT / "tests" / "fixtures" / "v0_1" / "ablation-digits-default.json"  # mixflow 0.1 (variant "seed")
 
 METRICS = ("accuracy", "bpd_conditional", "ece", "mean_dist_min_sigma", "mean_dist_median_sigma",
            "bhattacharyya_mean", "nearer_other_fraction")
@@ -132,7 +132,7 @@ def test_ablate_command_line(tmp_path, capsys) -> None:
 
 
 def test_an_ablation_written_by_mixflow_0_1_still_loads(tmp_path, monkeypatch) -> None:
-    """benchmarks/ablation/digits-default.json (variant "seed", flat configs) reads as today's rows and configs."""
+    """An ablation.json of mixflow 0.1 (variant "seed", flat configs) reads as today's rows and configs."""
     old = json.loads(OLD_ABLATION.read_text())
     assert old["rows"][0]["variant"] == "seed" and "n_terms" in old["rows"][0]["config"]["model"]  # the old format
     rows = read_rows(OLD_ABLATION)

@@ -214,7 +214,9 @@ def test_cli_report_failure_is_one_line_naming_the_notebook(tmp_path, capsys):
     assert exit_.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("mixflow: error: 01_train.ipynb failed in code cell")
-    assert "another configuration" in err and "train.lr" in err and str(tmp_path / "reports" / "01_train_fixed.ipynb") in err
+    # the one resume policy's RunError (runs.refuse_resume_changes): the refused change, and what to do instead
+    assert "train.lr 0.5 -> 0.001" in err and "different configuration" in err
+    assert str(tmp_path / "reports" / "01_train_fixed.ipynb") in err
 
 
 @pytest.mark.parametrize("argv, message", [

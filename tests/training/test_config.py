@@ -54,7 +54,7 @@ def test_overrides_reach_every_depth(overrides, check):
     ({"model.logdet.n_exact_terms": 2}, "PowerSeries has"),
     ({"model.eval_logdet.n_terms": 2}, "model.eval_logdet is null"),
     ({"train.objective.lam": 0.1}, "Hybrid has beta"),
-    ({"train.objective": {"type": "hybrid", "beta": -1}}, "beta must be >= 0"),
+    ({"train.objective": {"type": "hybrid", "beta": -1}}, "beta must be finite and >= 0"),
     ({"model.coeff": 1.0}, "coeff (the Lipschitz bound) must lie in (0, 1)"),
     ({"model.alpha": 0.5}, "alpha must lie in [0, 0.5)"),
     ({"train.epochs": 3}, "train.epochs is now runtime.epochs"),
