@@ -147,3 +147,17 @@ def test_upgrade_converts_every_v0_1_field():
 def test_profiles_round_trip(dataset, profile):
     cfg = get_profile(dataset, profile)
     assert RunConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+def test_the_committed_splits_comparisons_still_apply():
+    """benchmarks/splits/*.json record the --set overrides they ran with; each still applies to today's profile."""
+    from mixflow_core.training.runs import parse_set
+
+    root = Path(__file__).resolve().parents[2] / "benchmarks" / "splits"
+    files = sorted(root.glob("*.json"))
+    assert files
+    for path in files:
+        argv = json.loads(path.read_text())["argv"]
+        sets = [a for a in argv if "=" in a and not a.startswith("--")]
+        cfg = apply_overrides(get_profile("digits", "default"), parse_set(sets))
+        assert RunConfig.from_dict(cfg.to_dict()) == cfg, path.name
