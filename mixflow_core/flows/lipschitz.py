@@ -9,13 +9,16 @@ kernel matrix (whose norm can be smaller than the operator's by a factor up to k
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["SpectralLinear", "SpectralConv2d", "LipSwish", "operator_norm", "spectral_layers", "check_coeff"]
+__all__ = ["SpectralLinear", "SpectralConv2d", "LipSwish", "operator_norm", "spectral_layers", "check_coeff",
+           "converge_spectral_norms", "converged_spectral_norms", "power_vectors", "load_power_vectors"]
 
 
 def _normalise(v: Tensor, eps: float = 1e-12) -> Tensor:
@@ -70,6 +73,19 @@ class _SpectralNormMixin(nn.Module):
             sigma = new
         return self.n_power_iterations + self.max_power_iterations
 
+    @torch.no_grad()
+    def converge(self, rtol: float = 1e-7, max_iterations: int = 2000) -> int:
+        """Power-iterate until sigma changes by <= rtol (relative), so that W_hat = W / max(1, sigma / c) has operator
+        norm <= c for W as it is now (the per-step refresh lags one optimiser step behind); returns the count."""
+        sigma = float(self.sigma())
+        for it in range(1, max_iterations + 1):
+            self.power_iterate(1)
+            new = float(self.sigma())
+            if abs(new - sigma) <= rtol * abs(new):
+                return it
+            sigma = new
+        return max_iterations
+
     def sigma(self) -> Tensor:
         """sigma(W) ~= u^T W v, differentiable in W (u, v held constant)."""
         u, v = self.u.clone(), self.v.clone()  # clone: later in-place updates must not touch this graph
@@ -117,6 +133,14 @@ class SpectralLinear(_SpectralNormMixin):
 
     def _apply_W(self, v: Tensor, weight: Tensor) -> Tensor:
         return weight @ v
+
+    @torch.no_grad()
+    def converge(self, rtol: float = 1e-7, max_iterations: int = 2000) -> int:
+        """Exact top singular vectors of W (one SVD of a small matrix): sigma = u^T W v is then sigma_max(W)."""
+        u, _, vh = torch.linalg.svd(self.weight.detach(), full_matrices=False)
+        self.u.copy_(u[:, 0])
+        self.v.copy_(vh[0])
+        return 1
 
     def _apply_WT(self, u: Tensor, weight: Tensor) -> Tensor:
         return weight.t() @ u
@@ -198,6 +222,46 @@ def check_coeff(coeff: float) -> None:
 def spectral_layers(module: nn.Module) -> list[_SpectralNormMixin]:
     """All spectrally normalised layers inside `module`."""
     return [m for m in module.modules() if isinstance(m, _SpectralNormMixin)]
+
+
+def converge_spectral_norms(module: nn.Module) -> None:
+    """Every spectral layer's (u, v) converged for its current weight, in place: Lip(layer) <= coeff holds exactly
+    for the weights as they are (call it before saving or evaluating weights that a training step just changed)."""
+    for layer in spectral_layers(module):
+        layer.converge()
+
+
+def power_vectors(module: nn.Module) -> dict[str, Tensor]:
+    """{state_dict name: copy} of every spectral layer's power-iteration vectors u and v."""
+    out = {}
+    for name, layer in module.named_modules():
+        if isinstance(layer, _SpectralNormMixin):
+            prefix = f"{name}." if name else ""
+            out[f"{prefix}u"], out[f"{prefix}v"] = layer.u.detach().clone(), layer.v.detach().clone()
+    return out
+
+
+@torch.no_grad()
+def load_power_vectors(module: nn.Module, vectors: dict[str, Tensor]) -> None:
+    """Put back vectors taken by power_vectors (e.g. a training run's warm start after an evaluation)."""
+    buffers = dict(module.named_buffers())
+    missing = [name for name in power_vectors(module) if name not in vectors]
+    if missing:
+        raise ValueError(f"no saved power-iteration vectors for {missing[:3]}{'...' if len(missing) > 3 else ''}")
+    for name, value in vectors.items():
+        buffers[name].copy_(value)
+
+
+@contextlib.contextmanager
+def converged_spectral_norms(module: nn.Module) -> Iterator[None]:
+    """Inside: converge_spectral_norms(module); after: every (u, v) as before, so a training run's warm-started power
+    iteration (and its trajectory) is the same whether or not it validated or saved in between."""
+    saved = power_vectors(module)
+    converge_spectral_norms(module)
+    try:
+        yield
+    finally:
+        load_power_vectors(module, saved)
 
 
 @torch.no_grad()

@@ -56,7 +56,8 @@ class RuntimeConfig:
     """Where and how long a run goes: none of it changes the trajectory, so all of it may change on resume."""
 
     epochs: int = 100  # (with a cosine schedule also the schedule's length, then fixed on resume)
-    max_minutes: float | None = None  # wall-clock budget; stops after the epoch that exceeds it
+    max_minutes: float | None = None  # wall-clock budget, checked after every batch (then validates and saves)
+    checkpoint_minutes: float = 2.0  # with a run directory: a mid-epoch checkpoint at least this often
     patience: int = 20  # epochs without improvement of train.early_stopping before stopping
     max_nonfinite: int = 20  # consecutive non-finite batches before giving up
     device: str = "cpu"  # cpu, cuda, cuda:N or auto
@@ -72,6 +73,8 @@ class RuntimeConfig:
             raise ValueError(f"eval_draws must be >= 1, got {self.eval_draws}")
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise ValueError(f"max_minutes must be positive or None, got {self.max_minutes}")
+        if not self.checkpoint_minutes > 0:
+            raise ValueError(f"checkpoint_minutes must be positive, got {self.checkpoint_minutes}")
 
 
 _SECTIONS = {"data": DataConfig, "model": ModelConfig, "prior": PriorConfig, "train": TrainConfig, "runtime": RuntimeConfig}

@@ -5,10 +5,13 @@
 - Per epoch: validation loss / bits/dim / accuracy (all-reduced across ranks), distances
   between class means in sigma units, fixed-point inverse error; early stopping on
   validation bits/dim or accuracy, restoring the best weights at the end.
-- Checkpoints every epoch, written atomically (temp file + os.replace) by rank 0: model,
-  optimiser, scheduler, RNG states, configs, history. `resume=True` continues from it and
-  reproduces the uninterrupted run (same seed, CPU); what may change on resume is
-  config.resume_conflicts' one policy.
+- Checkpoints after every epoch and every runtime.checkpoint_minutes inside one, written
+  atomically by rank 0: model, optimiser, scheduler, RNG states, configs, history, where to go on
+  (epoch, batch) and the partial epoch's sums. runtime.max_minutes is checked after every batch.
+- Saved, validated and returned weights keep Lip <= coeff: converged_spectral_norms brings the
+  power-iteration vectors up to date with the weights first (and puts the training run's back).
+- `resume=True` continues from the last checkpoint, mid-epoch too, and reproduces the
+  uninterrupted run (same seed, CPU); what may change on resume is config.resume_conflicts' policy.
 - A non-finite loss or gradient skips the batch (counted); runtime.max_nonfinite consecutive ones
   stop training with NonFiniteLossError.
 - Distributed: under torchrun (WORLD_SIZE > 1) the same code initialises the process group
@@ -21,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +38,7 @@ from tqdm.auto import tqdm
 from ..data import Splits
 from ..eval.diagnostics import latents, prior_overlap
 from ..eval.metrics import accuracy, bits_per_dim, over_dataset
+from ..flows.lipschitz import converge_spectral_norms, converged_spectral_norms, load_power_vectors, power_vectors
 from ..flows.model import MixtureFlow
 from ..flows.priors import class_moments
 from .checkpoint import (
@@ -139,6 +144,26 @@ class _State:
     bad_epochs: int = 0
     best_weights: dict[str, Tensor] | None = None
     consecutive_bad: int = 0
+    training_vectors: dict[str, Tensor] | None = None  # the power iteration's warm start, saved for an exact resume
+    start_step: int = 0  # batches of start_epoch already trained (a mid-epoch checkpoint)
+    partial: dict[str, float] = field(default_factory=dict)  # loss_sum, n_ok, seconds of start_epoch's first batches
+    pending_rng: dict[str, Any] | None = None  # a mid-epoch resume restores the RNG after the epoch's loader starts
+    last_save: float = 0.0  # time.perf_counter() of the last checkpoint
+
+
+@dataclass
+class _Clock:
+    """The wall-clock budget and the checkpoint interval, checked after every batch."""
+
+    start: float
+    runtime: RuntimeConfig
+    saving: bool  # a run directory to checkpoint into
+
+    def out_of_time(self, now: float) -> bool:
+        return self.runtime.max_minutes is not None and (now - self.start) / 60 > self.runtime.max_minutes
+
+    def checkpoint_due(self, now: float, last_save: float) -> bool:
+        return self.saving and (now - last_save) / 60 > self.runtime.checkpoint_minutes
 
 
 def _resume(model: MixtureFlow, opt, sched, cfg: TrainConfig, runtime: RuntimeConfig, run_dir: Path,
@@ -148,16 +173,24 @@ def _resume(model: MixtureFlow, opt, sched, cfg: TrainConfig, runtime: RuntimeCo
     ckpt = load_checkpoint(path, device)
     check_resumable(ckpt, cfg, runtime, path)
     try:
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(ckpt["model"])  # evaluation-ready: converged power-iteration vectors ...
+        if "power_vectors" in ckpt:  # ... then the training run's own warm start (absent in mixflow 0.1 checkpoints)
+            load_power_vectors(model, ckpt["power_vectors"])
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
     except (KeyError, RuntimeError, ValueError) as err:
         raise CheckpointError(f"checkpoint {path} does not match this model: {err}") from err
-    state = _State(History.from_dict(ckpt["history"]), ckpt["epoch"] + 1, ckpt["best"], ckpt["bad_epochs"])
-    set_rng_state(ckpt["rng"][ctx.rank] if ctx.rank < len(ckpt["rng"]) else ckpt["rng"][0], device)
+    epoch, step = ckpt.get("resume_at", (ckpt["epoch"] + 1, 0))  # mixflow 0.1 saved only after whole epochs
+    state = _State(History.from_dict(ckpt["history"]), epoch, ckpt["best"], ckpt["bad_epochs"], start_step=step,
+                   partial=dict(ckpt.get("partial", {})), consecutive_bad=ckpt.get("consecutive_bad", 0))
+    rng = ckpt["rng"][ctx.rank] if ctx.rank < len(ckpt["rng"]) else ckpt["rng"][0]
+    if step:
+        state.pending_rng = rng  # after the epoch's loader has drawn its seed, as it had when the checkpoint was taken
+    else:
+        set_rng_state(rng, device)
     if (run_dir / "best.pt").exists():
         state.best_weights = load_checkpoint(run_dir / "best.pt", device)["model"]
-    logger.info("resumed from %s at epoch %d", path, state.start_epoch)
+    logger.info("resumed from %s at epoch %d, batch %d", path, state.start_epoch + 1, step)
     if state.history.stopped == "early stopping":
         state.start_epoch = runtime.epochs  # that run had converged; a time-budget stop continues with a fresh budget
     return state
@@ -165,40 +198,80 @@ def _resume(model: MixtureFlow, opt, sched, cfg: TrainConfig, runtime: RuntimeCo
 
 # -- one epoch --------------------------------------------------------------------------------------------
 def _train_epoch(net: nn.Module, model: MixtureFlow, loader: DataLoader, opt, cfg: TrainConfig,
-                 runtime: RuntimeConfig, state: _State, ctx: DistContext, device: torch.device, epoch: int) -> dict:
-    """One pass over the loader; non-finite batches are skipped (all ranks agree). Returns the epoch's train record."""
+                 runtime: RuntimeConfig, state: _State, ctx: DistContext, device: torch.device, epoch: int,
+                 clock: _Clock, checkpoint: Callable[[int, dict[str, float]], None]) -> tuple[dict, bool]:
+    """One pass over the loader (from state.start_step on a mid-epoch resume); (the epoch's train record, whether the
+    time budget stopped it before its end).
+
+    Non-finite batches are skipped (all ranks agree). After every batch the clock is read: past
+    runtime.max_minutes the epoch stops there; every runtime.checkpoint_minutes `checkpoint(step, sums)`
+    saves a mid-epoch checkpoint, so that a kill loses at most that much work.
+    """
     model.train()
-    t0, loss_sum, n_ok = time.perf_counter(), 0.0, 0
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{runtime.epochs}", leave=False, disable=not (runtime.progress and ctx.main))
+    step, sums = state.start_step, {"loss_sum": 0.0, "n_ok": 0.0, "seconds": 0.0, **state.partial}
+    state.start_step, state.partial = 0, {}
+    batches = iter(loader)  # draws the loader's seed from the global RNG
+    if state.pending_rng is not None:
+        set_rng_state(state.pending_rng, device)  # ... which the checkpoint's state then replaces
+        state.pending_rng = None
+    for _ in range(step):
+        next(batches)  # the batches the checkpoint had already trained on: same order, no RNG drawn
+    t0, stopped = time.perf_counter() - sums["seconds"], False
+    bar = tqdm(batches, total=len(loader), initial=step, desc=f"epoch {epoch + 1}/{runtime.epochs}", leave=False,
+               disable=not (runtime.progress and ctx.main))
     for x, y in bar:
-        x, y = x.to(device), y.to(device)
-        loss = cfg.objective(net(x), y, model.prior.log_class_probs, model.dim)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        finite = torch.isfinite(loss).all() & torch.stack([torch.isfinite(g).all() for g in grads]).all()
-        finite = ctx.all_sum(finite.double()) == ctx.world  # every rank agrees on skipping
-        if not bool(finite):
-            state.consecutive_bad += 1
-            state.history.skipped_batches += 1
-            opt.zero_grad(set_to_none=True)
-            if state.consecutive_bad >= runtime.max_nonfinite:
-                state.history.stopped = "non-finite loss"
-                raise NonFiniteLossError(
-                    f"{state.consecutive_bad} consecutive batches gave a non-finite loss or gradient at epoch {epoch + 1} "
-                    f"({state.history.skipped_batches} skipped in all); the model was not updated by them. Lower the lr, "
-                    "set grad_clip, or check the data."
-                )
-            continue
-        state.consecutive_bad = 0
-        if cfg.grad_clip is not None:
-            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        loss_sum, n_ok = loss_sum + loss.item(), n_ok + 1
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-    totals = ctx.all_sum(torch.tensor([loss_sum, float(n_ok)], dtype=torch.float64, device=device))
+        loss = _step(net, model, x.to(device), y.to(device), opt, cfg, runtime, state, ctx, epoch)
+        if loss is not None:
+            sums["loss_sum"], sums["n_ok"] = sums["loss_sum"] + loss, sums["n_ok"] + 1
+            bar.set_postfix(loss=f"{loss:.4f}")
+        step += 1
+        if step == len(loader):
+            break  # the epoch's end validates, checks the budget and saves
+        now = time.perf_counter()
+        flags = torch.tensor([clock.out_of_time(now), clock.checkpoint_due(now, state.last_save)], dtype=torch.float64)
+        late, due = (bool(f) for f in ctx.all_sum(flags.to(device)) > 0)  # every rank decides alike
+        if late:
+            state.history.stopped = "time budget"  # what the checkpoint records: a resume continues with a new budget
+        if late or due:
+            sums["seconds"] = time.perf_counter() - t0
+            checkpoint(step, sums)
+        if late:
+            stopped = True
+            break
+    totals = ctx.all_sum(torch.tensor([sums["loss_sum"], sums["n_ok"]], dtype=torch.float64, device=device))
     loss_sum, n_ok = float(totals[0]), int(totals[1])  # over all ranks: the same History everywhere
-    return {"epoch": epoch + 1, "train_loss": loss_sum / max(n_ok, 1), "epoch_seconds": time.perf_counter() - t0}
+    record = {"epoch": epoch + 1, "train_loss": loss_sum / max(n_ok, 1), "epoch_seconds": time.perf_counter() - t0}
+    if stopped:
+        record.update(partial=True, batches=step)
+    return record, stopped
+
+
+def _step(net: nn.Module, model: MixtureFlow, x: Tensor, y: Tensor, opt, cfg: TrainConfig, runtime: RuntimeConfig,
+          state: _State, ctx: DistContext, epoch: int) -> float | None:
+    """One optimiser step; None when the batch gave a non-finite loss or gradient and was skipped."""
+    loss = cfg.objective(net(x), y, model.prior.log_class_probs, model.dim)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    finite = torch.isfinite(loss).all() & torch.stack([torch.isfinite(g).all() for g in grads]).all()
+    finite = ctx.all_sum(finite.double()) == ctx.world  # every rank agrees on skipping
+    if not bool(finite):
+        state.consecutive_bad += 1
+        state.history.skipped_batches += 1
+        opt.zero_grad(set_to_none=True)
+        if state.consecutive_bad >= runtime.max_nonfinite:
+            state.history.stopped = "non-finite loss"
+            raise NonFiniteLossError(
+                f"{state.consecutive_bad} consecutive batches gave a non-finite loss or gradient at epoch {epoch + 1} "
+                f"({state.history.skipped_batches} skipped in all); the model was not updated by them. Lower the lr, "
+                "set grad_clip, or check the data."
+            )
+        return None
+    state.consecutive_bad = 0
+    if cfg.grad_clip is not None:
+        nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    opt.step()
+    return loss.item()
 
 
 @torch.no_grad()
@@ -230,26 +303,74 @@ def _improved(cfg: TrainConfig, record: dict[str, float], best: float | None) ->
     return False, best
 
 
-def _save(model: MixtureFlow, opt, sched, cfg: TrainConfig, runtime: RuntimeConfig, state: _State, run_dir: Path,
-          epoch: int, record: dict, improved: bool, snapshot_epochs: tuple[int, ...], ctx: DistContext,
-          device: torch.device) -> None:
-    """checkpoint.pt (always), best.pt (on improvement), a snapshot (on listed epochs); rank 0 writes."""
+def _write_checkpoint(model: MixtureFlow, opt, sched, cfg: TrainConfig, runtime: RuntimeConfig, state: _State,
+                      run_dir: Path, resume_at: tuple[int, int], partial: dict[str, float], ctx: DistContext,
+                      device: torch.device) -> None:
+    """run_dir/checkpoint.pt: everything a resume needs to continue at `resume_at` = (epoch, batch), 0-based.
+
+    Called inside converged_spectral_norms: the weights saved keep Lip <= coeff; the training run's own power
+    vectors go along (state.training_vectors), and so do the sums of a partly trained epoch, so that a resume
+    continues exactly. Every rank's RNG state is gathered; rank 0 writes.
+    """
     rng = [None] * ctx.world
     if ctx.world > 1:
         dist.all_gather_object(rng, rng_state(device))
     else:
         rng = [rng_state(device)]
+    state.last_save = time.perf_counter()
     if not ctx.main:
         return
-    if improved:
-        save_torch({"model": state.best_weights}, run_dir / "best.pt")
-    if epoch + 1 in snapshot_epochs:
-        save_torch({"model": model.state_dict(), "epoch": epoch + 1, "record": record}, snapshot_path(run_dir, epoch + 1))
+    epoch, step = resume_at
     save_torch({
-        "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-        "rng": rng, "configs": saved_configs(cfg, runtime), "history": state.history.to_dict(),
-        "epoch": epoch, "best": state.best, "bad_epochs": state.bad_epochs,
+        "model": model.state_dict(), "power_vectors": state.training_vectors, "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(), "rng": rng, "configs": saved_configs(cfg, runtime),
+        "history": state.history.to_dict(), "epoch": epoch - 1,  # the last whole epoch (as mixflow 0.1 read it)
+        "resume_at": [epoch, step], "partial": dict(partial), "consecutive_bad": state.consecutive_bad,
+        "best": state.best, "bad_epochs": state.bad_epochs,
     }, run_dir / "checkpoint.pt")
+
+
+def _end_epoch(model: MixtureFlow, opt, sched, data: Splits, probe_x: Tensor, cfg: TrainConfig, runtime: RuntimeConfig,
+               state: _State, record: dict, run_dir: Path | None, snapshot_epochs: tuple[int, ...], late: bool,
+               ctx: DistContext, device: torch.device) -> tuple[bool, bool]:
+    """Validate, track the best weights, decide whether to stop, save; returns (stop early, out of time).
+
+    All of it inside converged_spectral_norms: validation, best.pt and checkpoints see Lip <= coeff exactly for the
+    weights as they are, and the training run's power vectors are put back afterwards (an unchanged trajectory).
+    A record of an epoch the time budget cut short ("partial") is validated and kept in the history, but takes
+    no part in early stopping, and the checkpoint (written when it stopped) resumes that epoch where it stopped.
+    """
+    epoch = record["epoch"] - 1
+    state.training_vectors = power_vectors(model)
+    with converged_spectral_norms(model):
+        record.update(_validate(model, data.val, cfg, runtime.eval_batch_size, ctx, device))
+        record.update(prior_overlap(model.prior))
+        record["inverse_error"] = inverse_error(model, probe_x.to(device))
+        state.history.epochs.append(record)
+        if record.get("partial"):
+            logger.info("epoch %d stopped by the time budget after %d batches: val_bpd=%.4g, val_acc=%.4g",
+                        epoch + 1, record["batches"], record["val_bpd"], record["val_acc"])
+            return False, True
+        improved, state.best = _improved(cfg, record, state.best)
+        state.bad_epochs = 0 if improved else state.bad_epochs + 1
+        if improved:
+            state.history.best_epoch = epoch + 1
+            state.best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        logger.info("epoch %d: %s", epoch + 1, ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "epoch"))
+        out_of_time = bool(ctx.all_sum(torch.tensor(float(late), device=device)) > 0)  # ranks stop together
+        stop_early = cfg.early_stopping != "none" and state.bad_epochs >= runtime.patience
+        if stop_early:
+            state.history.stopped = "early stopping"
+        elif out_of_time:
+            state.history.stopped = "time budget"
+        if run_dir is not None:
+            if improved and ctx.main:
+                save_torch({"model": state.best_weights}, run_dir / "best.pt")
+            if epoch + 1 in snapshot_epochs and ctx.main:
+                save_torch({"model": model.state_dict(), "epoch": epoch + 1, "record": record},
+                           snapshot_path(run_dir, epoch + 1))
+            _write_checkpoint(model, opt, sched, cfg, runtime, state, run_dir, (epoch + 1, 0), {}, ctx, device)
+    return stop_early, out_of_time
 
 
 # -- the loop ------------------------------------------------------------------------------------------------
@@ -318,36 +439,32 @@ def fit(
     if len(loader) == 0:
         raise ValueError(f"batch_size {cfg.batch_size} x {ctx.world} processes exceeds the {len(data.train)} training examples")
     probe_x = torch.stack([data.val[i][0] for i in range(min(len(data.val), 64))])
-    t_start = time.perf_counter()
+    clock = _Clock(time.perf_counter(), runtime, saving=run_dir is not None)
+    state.last_save = clock.start
+
+    def checkpoint_mid_epoch(epoch: int, step: int, sums: dict[str, float]) -> None:
+        if run_dir is None:
+            return
+        state.training_vectors = power_vectors(model)
+        with converged_spectral_norms(model):
+            _write_checkpoint(model, opt, sched, cfg, runtime, state, run_dir, (epoch, step), sums, ctx, device)
+
     if state.start_epoch < runtime.epochs:
         state.history.stopped = "completed"  # until the loop says otherwise
     for epoch in range(state.start_epoch, runtime.epochs):
         sampler.set_epoch(epoch)
-        record = _train_epoch(net, model, loader, opt, cfg, runtime, state, ctx, device, epoch)
-        sched.step()
-        record.update(_validate(model, data.val, cfg, runtime.eval_batch_size, ctx, device))
-        record.update(prior_overlap(model.prior))
-        record["inverse_error"] = inverse_error(model, probe_x.to(device))
-        state.history.epochs.append(record)
-        improved, state.best = _improved(cfg, record, state.best)
-        state.bad_epochs = 0 if improved else state.bad_epochs + 1
-        if improved:
-            state.history.best_epoch = epoch + 1
-            state.best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        logger.info("epoch %d: %s", epoch + 1, ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "epoch"))
-        late = runtime.max_minutes is not None and (time.perf_counter() - t_start) / 60 > runtime.max_minutes
-        out_of_time = bool(ctx.all_sum(torch.tensor(float(late), device=device)) > 0)  # ranks stop together
-        stop_early = cfg.early_stopping != "none" and state.bad_epochs >= runtime.patience
-        if stop_early:
-            state.history.stopped = "early stopping"
-        elif out_of_time:
-            state.history.stopped = "time budget"
-        if run_dir is not None:
-            _save(model, opt, sched, cfg, runtime, state, run_dir, epoch, record, improved, snapshot_epochs, ctx, device)
+        record, cut_short = _train_epoch(net, model, loader, opt, cfg, runtime, state, ctx, device, epoch, clock,
+                                         lambda step, sums, epoch=epoch: checkpoint_mid_epoch(epoch, step, sums))
+        if not cut_short:
+            sched.step()
+        late = cut_short or clock.out_of_time(time.perf_counter())
+        stop_early, out_of_time = _end_epoch(model, opt, sched, data, probe_x, cfg, runtime, state, record, run_dir,
+                                             snapshot_epochs, late, ctx, device)
         ctx.barrier()
         if stop_early or out_of_time:
             break
     if state.best_weights is not None and cfg.early_stopping != "none":
         model.load_state_dict(state.best_weights)  # return the best validated weights
+    converge_spectral_norms(model)  # the returned model keeps Lip <= coeff for its weights (a no-op for best weights)
     model.eval()
     return state.history

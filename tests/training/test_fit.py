@@ -434,7 +434,7 @@ def test_weight_decay_reaches_prior_only_when_set(prior_weight_decay):
 # -- time budget, device -------------------------------------------------------------------------
 
 
-def test_time_budget_stops_after_first_epoch(tmp_path):
+def test_time_budget_stops_in_the_first_epoch(tmp_path):
     rc = smoke("digits", epochs=50, max_minutes=1e-9)
     model, data = build(rc)
     history = fit(model, data, rc.train, rc.runtime, run_dir=tmp_path / "run")
@@ -560,3 +560,75 @@ def test_resume_refuses_changed_epochs_under_cosine_schedule(tmp_path):
     fit(build(), data, train, replace(cfg.runtime, epochs=1), run_dir=tmp_path)
     with pytest.raises(CheckpointError, match="runtime.epochs"):
         fit(build(), data, train, replace(cfg.runtime, epochs=2), run_dir=tmp_path, resume=True)
+
+
+# -- the budget within epochs, mid-epoch checkpoints -------------------------------------------------
+
+
+def test_the_budget_stops_within_the_epoch(tmp_path):
+    """Past max_minutes the epoch stops after the batch in hand: its (partial) record is validated and kept,
+    and the checkpoint resumes that epoch at the next batch."""
+    rc = smoke("digits", epochs=3, max_minutes=1e-9)  # 4 batches per epoch
+    model, data = build(rc)
+    history = fit(model, data, rc.train, rc.runtime, run_dir=tmp_path)
+    assert history.stopped == "time budget" and len(history.epochs) == 1
+    record = history.epochs[0]
+    assert record["partial"] is True and record["batches"] == 1 and math.isfinite(record["val_bpd"])
+    ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert ckpt["resume_at"] == [0, 1] and ckpt["history"]["epochs"] == []  # the partial record is not resumed
+    assert ckpt["history"]["stopped"] == "time budget"
+
+
+def test_resume_from_mid_epoch_checkpoints_equals_an_uninterrupted_run(tmp_path):
+    """Stopped by the budget after every single batch and resumed each time (8 runs for 2 epochs of 4 batches):
+    the weights, optimiser state and history equal one uninterrupted run, bit for bit."""
+    rc = smoke("digits", epochs=2, early_stopping="val_bpd")
+    whole, data = build(rc)
+    h_whole = fit(whole, data, rc.train, rc.runtime, run_dir=tmp_path / "a")
+    stingy = replace(rc.runtime, max_minutes=1e-9)
+    runs = 0
+    while True:
+        model, _ = build(rc)
+        history = fit(model, data, rc.train, stingy, run_dir=tmp_path / "b", resume=True)
+        runs += 1
+        done = [e for e in history.epochs if not e.get("partial")]
+        if len(done) == 2 or runs > 12:
+            break
+    assert runs == 8
+    final, _ = build(rc)
+    load = load_checkpoint(tmp_path / "b" / "checkpoint.pt")
+    assert load["resume_at"] == [2, 0]
+    assert metrics_only(History.from_dict(load["history"])) == metrics_only(h_whole)
+    a, b = load_checkpoint(tmp_path / "a" / "checkpoint.pt"), load
+    assert_state_dicts_equal(a["model"], b["model"])
+    assert_state_dicts_equal(a["power_vectors"], b["power_vectors"])
+    assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
+    for k in a["optimizer"]["state"]:
+        for name in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(a["optimizer"]["state"][k][name], b["optimizer"]["state"][k][name])
+    assert_state_dicts_equal(load_checkpoint(tmp_path / "a" / "best.pt")["model"],
+                             load_checkpoint(tmp_path / "b" / "best.pt")["model"])
+
+
+def test_a_kill_loses_at_most_the_batches_since_the_last_checkpoint(tmp_path):
+    """With a checkpoint after every batch, a crash in the middle of epoch 2 resumes from the batch before it and
+    ends where an uninterrupted run ends."""
+    rc = smoke("digits", epochs=2, checkpoint_minutes=1e-9)
+    whole, data = build(rc)
+    fit(whole, data, rc.train, rc.runtime, run_dir=tmp_path / "a")
+    crashing, _ = build(rc)
+
+    def crash(module, inputs, output):
+        if module.training and torch.is_grad_enabled():
+            calls["n"] += 1
+            if calls["n"] == 7:  # epoch 2, batch 3: as if killed there
+                raise KeyboardInterrupt
+
+    calls = {"n": 0}
+    crashing.flow.register_forward_hook(crash)
+    with pytest.raises(KeyboardInterrupt):
+        fit(crashing, data, rc.train, rc.runtime, run_dir=tmp_path / "b")
+    assert load_checkpoint(tmp_path / "b" / "checkpoint.pt")["resume_at"] == [1, 2]  # 6 batches were safe
+    resumed, _ = build(rc)
+    fit(resumed, data, rc.train, rc.runtime, run_dir=tmp_path / "b", resume=True)
+    assert_state_dicts_equal(whole.state_dict(), resumed.state_dict())

@@ -26,6 +26,7 @@ BASE = apply_overrides(get_profile("digits", "smoke"), {"runtime.epochs": 1, "da
 CHANGES = [
     ("runtime.epochs", 2, True), ("runtime.max_minutes", 10.0, True), ("runtime.patience", 3, True),
     ("runtime.max_nonfinite", 5, True), ("runtime.threads", 2, True), ("runtime.progress", True, True),
+    ("runtime.checkpoint_minutes", 0.5, True),
     ("runtime.eval_batch_size", 7, True), ("runtime.eval_draws", 2, True), ("data.root", "/nowhere", True),
     ("train.lr", 3e-3, False), ("train.batch_size", 32, False), ("train.seed", 1, False),
     ("train.objective", "likelihood", False), ("train.objective.beta", 2.0, False),
