@@ -35,7 +35,7 @@ EXAMPLES = """examples:
   mixflow evaluate runs/digits-smoke-seed0 --split val
   mixflow sample runs/digits-smoke-seed0 --classes 0 1 2 --n 8 --temperature 0.7 --out grid.png
   mixflow ablate --dataset digits --epochs 30 --seeds 0 1
-  mixflow report                     # digits, default profile: reports/ and figures/ in ~6 CPU-minutes
+  mixflow report                     # digits, default profile: reports/ and figures/ in ~6-11 CPU-minutes
   mixflow report --profile full --dataset fashion-mnist --device cuda
 """
 
