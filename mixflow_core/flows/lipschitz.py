@@ -35,6 +35,15 @@ class _SpectralNormMixin(nn.Module):
     u: Tensor  # left singular vector, shape of the output
     v: Tensor  # right singular vector, shape of the input
 
+    def _init_spectral(self, layer: nn.Module, coeff: float, n_power_iterations: int, power_rtol: float | None,
+                       max_power_iterations: int) -> None:
+        """The shared settings, and weight / bias taken from `layer` (PyTorch's default init)."""
+        check_coeff(coeff)
+        self.coeff, self.n_power_iterations = coeff, n_power_iterations
+        self.power_rtol, self.max_power_iterations = power_rtol, max_power_iterations
+        self.weight = nn.Parameter(layer.weight.detach().clone())
+        self.bias = nn.Parameter(layer.bias.detach().clone()) if layer.bias is not None else None
+
     def _apply_W(self, v: Tensor, weight: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -120,13 +129,9 @@ class SpectralLinear(_SpectralNormMixin):
         max_power_iterations: int = 50,
     ) -> None:
         super().__init__()
-        check_coeff(coeff)
         self.in_features, self.out_features = in_features, out_features
-        self.coeff, self.n_power_iterations = coeff, n_power_iterations
-        self.power_rtol, self.max_power_iterations = power_rtol, max_power_iterations
-        layer = nn.Linear(in_features, out_features, bias=bias)  # borrow PyTorch's default init
-        self.weight = nn.Parameter(layer.weight.detach().clone())
-        self.bias = nn.Parameter(layer.bias.detach().clone()) if bias else None
+        self._init_spectral(nn.Linear(in_features, out_features, bias=bias), coeff, n_power_iterations, power_rtol,
+                            max_power_iterations)
         self.register_buffer("u", _normalise(torch.randn(out_features)))
         self.register_buffer("v", _normalise(torch.randn(in_features)))
         self.power_iterate(20)  # start from a converged estimate
@@ -165,17 +170,14 @@ class SpectralConv2d(_SpectralNormMixin):
         max_power_iterations: int = 50,
     ) -> None:
         super().__init__()
-        check_coeff(coeff)
+        check_coeff(coeff)  # before anything else: the message names the coefficient
         if kernel_size % 2 != 1:
             raise ValueError(f"kernel_size must be odd for 'same' padding, got {kernel_size}")
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.padding = kernel_size, kernel_size // 2
         self.input_hw = tuple(input_hw)
-        self.coeff, self.n_power_iterations = coeff, n_power_iterations
-        self.power_rtol, self.max_power_iterations = power_rtol, max_power_iterations
         layer = nn.Conv2d(in_channels, out_channels, kernel_size, padding=self.padding, bias=bias)
-        self.weight = nn.Parameter(layer.weight.detach().clone())
-        self.bias = nn.Parameter(layer.bias.detach().clone()) if bias else None
+        self._init_spectral(layer, coeff, n_power_iterations, power_rtol, max_power_iterations)
         h, w = self.input_hw
         self.register_buffer("u", _normalise(torch.randn(1, out_channels, h, w)))
         self.register_buffer("v", _normalise(torch.randn(1, in_channels, h, w)))
