@@ -148,7 +148,8 @@ def _add_report(sub, common) -> None:
     r.add_argument("--ablation", type=Path, metavar="JSON",
                    help="ablation.json to include (default: benchmarks/ablation/<dataset>-<profile>.json if present)")
     r.add_argument("--retrain", action="store_true", help="train again even where a finished run exists")
-    r.add_argument("--baselines", choices=("full", "fast", "none"), default="full", help="baseline tuning (default full)")
+    r.add_argument("--baselines", choices=("full", "fast", "none"), default=None,
+                   help="baseline tuning (default: full on digits / toy2d, fast on the image sets)")
     r.add_argument("--no-tsne", action="store_true", help="skip t-SNE (PCA only)")
     r.add_argument("--quiet", action="store_true", help="do not stream the notebooks' output (epochs) to the terminal")
 

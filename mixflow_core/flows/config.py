@@ -60,6 +60,10 @@ class ModelConfig:
     power_rtol: float | None = 1e-4  # ... then more until sigma changes < rtol (max 50); None: no more
     activation: Literal["lipswish", "elu"] = "lipswish"
     actnorm: bool = True  # ActNorm before every residual block
+    whiten: bool = False  # a fixed ZCA whitening (S + whiten_ridge I)^-1/2 of the training data first (set by fit)
+    whiten_ridge: float = 1e-3  # in the units of the preprocessed data (logit space)
+    g_init_scale: float = 1.0  # the last layer of every g starts at this multiple of PyTorch's init (bias 0 when < 1):
+    #                            small values start the flow near the identity (ActNorm only)
     logdet: Estimator = PowerSeries()  # log-det estimator in training mode
     eval_logdet: Estimator | None = None  # in eval mode; None: the training estimator
     inverse_tol: float = 1e-6  # fixed-point inverse stops when max |x_{k+1} - x_k| < tol * max(1, max |z|)
@@ -72,6 +76,11 @@ class ModelConfig:
         check_alpha(self.alpha)
         if self.n_power_iterations < 1:
             raise ValueError(f"n_power_iterations must be >= 1, got {self.n_power_iterations}")
+        if not self.whiten_ridge > 0:
+            raise ValueError(f"whiten_ridge must be positive, got {self.whiten_ridge}")
+        if not 0.0 < self.g_init_scale <= 1.0:
+            raise ValueError(f"g_init_scale must lie in (0, 1] (0 would leave the power iteration without a direction), "
+                             f"got {self.g_init_scale}")
 
     @property
     def eval_estimator(self) -> Estimator:

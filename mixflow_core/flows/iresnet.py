@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import MLP, Conv, ModelConfig
-from .layers import ActNorm, Flow, FlowSequence, Squeeze
+from .layers import ActNorm, Flow, FlowSequence, Squeeze, Whiten
 from .lipschitz import LipSwish, SpectralConv2d, SpectralLinear
 from .logdet import LogDetEstimator, PowerSeries
 
@@ -113,7 +113,13 @@ def _activation(name: str) -> nn.Module:
     raise ValueError(f"Unknown activation {name!r}; use lipswish or elu")
 
 
-def _block(g: nn.Module, cfg: ModelConfig) -> ResidualBlock:
+def _block(g: nn.Sequential, cfg: ModelConfig) -> ResidualBlock:
+    if cfg.g_init_scale < 1.0:  # g starts near 0: the block near the identity
+        last = g[-1]
+        with torch.no_grad():
+            last.weight.mul_(cfg.g_init_scale)  # the power vectors stay valid: scaling keeps the singular vectors
+            if last.bias is not None:
+                last.bias.zero_()
     return ResidualBlock(g, cfg.logdet, cfg.eval_estimator, cfg.inverse_tol, cfg.inverse_max_iter)
 
 
@@ -123,7 +129,7 @@ def build_mlp_iresnet(dim: int, cfg: ModelConfig) -> FlowSequence:
     if not isinstance(arch, MLP):
         raise ValueError(f"build_mlp_iresnet needs ModelConfig(arch=MLP(...)), got {arch}")
     widths = (dim, *arch.hidden, dim)
-    layers: list[Flow] = []
+    layers: list[Flow] = [Whiten((dim,), cfg.whiten_ridge)] if cfg.whiten else []
     for _ in range(arch.n_blocks):
         if cfg.actnorm:
             layers.append(ActNorm(dim))
@@ -147,7 +153,7 @@ def build_conv_iresnet(shape: tuple[int, int, int], cfg: ModelConfig) -> FlowSeq
         raise ValueError(f"build_conv_iresnet needs ModelConfig(arch=Conv(...)), got {arch}")
     c, h, w = shape
     hidden = arch.channels
-    layers: list[Flow] = []
+    layers: list[Flow] = [Whiten(tuple(shape), cfg.whiten_ridge)] if cfg.whiten else []
     for scale in range(arch.n_scales):
         if scale > 0:
             squeeze = Squeeze()

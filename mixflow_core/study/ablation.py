@@ -42,10 +42,11 @@ __all__ = ["STUDENT_OVERRIDES", "Variant", "student_config", "variants", "ablate
 logger = logging.getLogger(__name__)
 
 STUDENT_OVERRIDES: dict[str, Any] = {
-    "prior.init": "student", "prior.learn_means": True, "prior.learn_scales": True,
+    "prior.init": "student", "prior.learn_means": True, "prior.learn_scales": True, "prior.covariance": "diagonal",
     "train.lr": 0.01, "train.prior_lr": None, "train.schedule": "constant", "train.weight_decay": 5e-4,
     "train.prior_weight_decay": 5e-4,
     "model.logdet": {"type": "power_series", "n_terms": 1}, "model.actnorm": False, "model.dequantize": False,
+    "model.g_init_scale": 1.0,
     "train.objective": {"type": "push_away", "lam": 0.05},
 }
 

@@ -15,10 +15,12 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, replace
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
 from ..data import Splits, load_data
@@ -34,6 +36,7 @@ from .ablation import student_config
 __all__ = [
     "CONFIGS", "run_config", "snapshot_epochs", "Run", "load_run", "load_runs", "overlap_numbers", "snapshot_models", "test_subset",
     "gaussian_panel", "embedding_panels", "overlap_matrices", "results_rows", "markdown_results",
+    "SAMPLE_QUALITY_TEMPERATURES", "sample_quality_rows", "markdown_sample_quality",
 ]
 
 CONFIGS = ("fixed", "student")
@@ -193,6 +196,61 @@ def markdown_results(rows: list[dict[str, Any]]) -> str:
                      f"| {cell(r['bpd_marginal'], '.4f')} | {cell(r['ece'], '.4f')} | {cell(r.get('n'), 'd')} "
                      f"| {cell(r.get('draws'), 'd')} |")
     return "\n".join(lines)
+
+
+SAMPLE_QUALITY_TEMPERATURES = (1.0, 0.7)
+
+
+def sample_quality_rows(
+    models: dict[str, MixtureFlow], data: Splits, temperatures: Sequence[float] = SAMPLE_QUALITY_TEMPERATURES,
+    n_per_class: int = 100, seed: int = 0, gaussian_ridge: float | None = None, max_train: int = 30_000,
+) -> list[dict[str, Any]]:
+    """Sample quality of each model and of the per-class Gaussian baseline, per temperature (eval.sample_quality).
+
+    Each method draws `n_per_class` samples of every class at each temperature (the flow: its prior at T,
+    then the inverse flow; the Gaussian: baselines.gaussian_samples with `gaussian_ridge`, None: chosen on
+    validation), scored against the real test images by sample_quality with one reference classifier fit
+    on (up to `max_train`) real training images.
+    """
+    from ..eval.baselines import gaussian_samples
+    from ..eval.sample_quality import fit_reference_classifier, sample_quality
+
+    (x_tr, y_tr), (x_te, y_te) = _stacked(data.train), _stacked(data.test)
+    reference = fit_reference_classifier(x_tr, y_tr, data.levels, seed=seed, max_train=max_train)
+    k = data.num_classes
+    rows = []
+    for temperature in temperatures:
+        draws: dict[str, tuple[Tensor, Tensor]] = {}
+        for name, model in models.items():
+            gen = torch.Generator(device=model.prior.means.device).manual_seed(seed)
+            labels = torch.arange(k, device=model.prior.means.device).repeat_interleave(n_per_class)
+            with torch.no_grad():
+                images = torch.cat([model.sample(part, temperature=temperature, generator=gen)
+                                    for part in labels.split(500)])
+            draws[name] = (images.cpu(), labels.cpu())
+        draws["per-class Gaussian (logit space)"] = gaussian_samples(
+            data, n_per_class, temperature, ridge=gaussian_ridge, copies=2, seed=seed)
+        for name, (images, labels) in draws.items():
+            row = sample_quality(reference, x_te, y_te, images, labels, data.levels, seed=seed)
+            rows.append({"method": name, "temperature": temperature, **row})
+    return rows
+
+
+def markdown_sample_quality(rows: list[dict[str, Any]]) -> str:
+    """The sample-quality table as Markdown: C2ST accuracies (0.5 = indistinguishable), class fidelity, Fréchet."""
+    lines = ["| method | T | C2ST 1-NN | C2ST logistic | class fidelity (real: {}) | Fréchet (PCA-50) | samples |".format(
+                 format(rows[0]["real_class_fidelity"], ".3f") if rows else "—"),
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['temperature']:g} | {r['c2st_knn_accuracy']:.3f} | "
+                     f"{r['c2st_logistic_accuracy']:.3f} | {r['class_fidelity']:.3f} | {r['frechet']:.3f} | {r['n']} |")
+    return "\n".join(lines)
+
+
+def _stacked(data: Dataset) -> tuple[Tensor, Tensor]:
+    """All (x, y) of a dataset as two tensors."""
+    xs, ys = zip(*(data[i] for i in range(len(data))))
+    return torch.stack(xs), torch.stack([torch.as_tensor(y) for y in ys])
 
 
 def load_runs(run_dirs: dict[str, str | Path], device: str = "cpu") -> dict[str, Run]:

@@ -49,7 +49,9 @@ def project_relative(path: str | Path) -> str:
 NOTEBOOKS = ("01_train.ipynb", "02_overlap_diagnosis.ipynb", "03_sampling.ipynb", "04_report_figures.ipynb")
 TRAIN, OVERLAP, SAMPLING, FIGURES = NOTEBOOKS  # the sequence, in order; plan() names them only through these
 KERNEL = "python3"
-STUDENT_MAX_EPOCHS = 30  # the student configuration collapses within a few epochs; more only costs time
+STUDENT_MAX_EPOCHS = 30
+STUDENT_MAX_MINUTES = 3.0  # ... or minutes, where the profile has a time budget (the image sets)
+SMALL_DATASETS = ("digits", "toy2d")  # the full baseline grids take seconds; on the image sets, "fast"  # the student configuration collapses within a few epochs; more only costs time
 
 
 class ReportError(RuntimeError):
@@ -73,7 +75,7 @@ def plan(
     dataset: str = "digits", profile: str = "default", device: str = "cpu", seed: int = 0,
     reports_dir: str | Path = "reports", figures_dir: str | Path | None = None, runs_dir: str | Path = "runs/report",
     data_root: str | None = None, retrain: bool = False, ablation_json: str | Path | None = None,
-    tsne: bool = True, baselines: str = "full",
+    tsne: bool = True, baselines: str | None = None,
 ) -> list[Step]:
     """The five notebook executions of a report (01 twice: fixed and student configuration), with absolute paths.
 
@@ -86,6 +88,8 @@ def plan(
     from .analysis import CONFIGS
 
     base = get_profile(dataset, profile)  # ValueError for an unknown pair
+    if baselines is None:  # tens of thousands of images: 2 noise copies, short sklearn grids (minutes, not an hour)
+        baselines = "full" if dataset in SMALL_DATASETS else "fast"
     reports = project_path(reports_dir)
     figures = project_path(figures_dir or default_figures_dir(dataset, profile))
     runs = project_path(runs_dir)
@@ -101,6 +105,8 @@ def plan(
         overrides = {}
         if config == "student":
             overrides["runtime.epochs"] = min(base.runtime.epochs, STUDENT_MAX_EPOCHS)
+            if base.runtime.max_minutes is not None:
+                overrides["runtime.max_minutes"] = min(base.runtime.max_minutes, STUDENT_MAX_MINUTES)
         steps.append(Step(TRAIN, reports / f"{Path(TRAIN).stem}_{config}.ipynb", {
             **common, "dataset": dataset, "profile": profile, "config": config, "seed": seed, "overrides": overrides,
             "run_dir": run[config], "results_json": str(reports / f"{Path(TRAIN).stem}_{config}.json"), "data_root": data_root,

@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from ..data import Splits
 from ..eval.diagnostics import latents, prior_overlap
 from ..eval.metrics import accuracy, bits_per_dim, over_dataset
+from ..flows.layers import Whiten
 from ..flows.lipschitz import converge_spectral_norms, converged_spectral_norms, load_power_vectors, power_vectors
 from ..flows.model import MixtureFlow
 from ..flows.priors import class_moments
@@ -109,6 +110,28 @@ def inverse_error(model: MixtureFlow, x: Tensor) -> float:
     return err
 
 
+def _init_whiten(model: MixtureFlow, data: Dataset, batch_size: int, device: torch.device) -> None:
+    """ModelConfig.whiten: the Whiten layer's mean and covariance from the preprocessed (dequantised) training set.
+
+    Runs first, before the ActNorm init sees whitened data; float64 sums over the whole training
+    set, one pass without the flow. The same on every rank up to the dequantisation noise.
+    """
+    layers = [m for m in model.flow.modules() if isinstance(m, Whiten) and m.needs_data_init]
+    if not layers:
+        return
+    n, total, outer = 0, None, None
+    with torch.no_grad():
+        for x, _ in DataLoader(data, batch_size=batch_size, shuffle=False):
+            h = model.preprocess(x.to(device, model.prior.means.dtype))[0].flatten(1).double()
+            total = h.sum(0) if total is None else total + h.sum(0)
+            outer = h.T @ h if outer is None else outer + h.T @ h
+            n += h.shape[0]
+    mean = total / n
+    cov = (outer - n * torch.outer(mean, mean)) / max(n - 1, 1)
+    for layer in layers:  # build_iresnet puts one first; its input is the preprocessed data
+        layer.init_from(mean.to(layer.mean.dtype), cov)
+
+
 def _init_actnorm(model: MixtureFlow, data: Dataset, batch_size: int, device: torch.device) -> None:
     """Data-dependent ActNorm init from the same first examples on every rank (a no-op once initialised)."""
     x = torch.stack([data[i][0] for i in range(min(len(data), max(batch_size, 256)))]).to(device)
@@ -117,7 +140,7 @@ def _init_actnorm(model: MixtureFlow, data: Dataset, batch_size: int, device: to
         model.log_prob_all(x)
 
 
-def _init_prior(model: MixtureFlow, data: Dataset, batch_size: int, device: torch.device, max_examples: int = 20000) -> None:
+def _init_prior(model: MixtureFlow, data: Dataset, batch_size: int, device: torch.device, max_examples: int = 60000) -> None:
     """PriorConfig.init="moments": mu_k, Sigma_k from the initial flow's latents of (up to max_examples) training examples.
 
     Runs after the ActNorm init, in eval mode: one fixed flow for every batch (in train mode the
@@ -427,6 +450,7 @@ def fit(
         state = _resume(model, opt, sched, cfg, runtime, run_dir, ctx, device)
     else:
         state = _State(History())
+        _init_whiten(model, data.train, runtime.eval_batch_size, device)
         _init_actnorm(model, data.train, cfg.batch_size, device)
         if model.prior.needs_data_init:
             _init_prior(model, data.train, runtime.eval_batch_size, device)
