@@ -124,7 +124,8 @@ def _block(g: nn.Sequential, cfg: ModelConfig) -> ResidualBlock:
 
 
 def build_mlp_iresnet(dim: int, cfg: ModelConfig) -> FlowSequence:
-    """[ActNorm] + residual blocks with g = Linear -> act -> ... -> Linear, widths dim-hidden-dim (cfg.arch: MLP)."""
+    """[Whiten], then per block [ActNorm] + residual block with g = Linear -> act -> ... -> Linear, widths dim-hidden-dim
+    (cfg.arch: MLP)."""
     arch = cfg.arch
     if not isinstance(arch, MLP):
         raise ValueError(f"build_mlp_iresnet needs ModelConfig(arch=MLP(...)), got {arch}")
@@ -143,7 +144,7 @@ def build_mlp_iresnet(dim: int, cfg: ModelConfig) -> FlowSequence:
 
 
 def build_conv_iresnet(shape: tuple[int, int, int], cfg: ModelConfig) -> FlowSequence:
-    """Multi-scale conv i-ResNet: n_scales stages of n_blocks, a Squeeze between stages.
+    """Multi-scale conv i-ResNet: [Whiten] of the whole image, then n_scales stages of n_blocks, a Squeeze between stages.
 
     g = conv k x k (C -> h) -> act -> conv 1x1 (h -> h) -> act -> conv k x k (h -> C), each
     spectrally normalised as an operator on that stage's (C, H, W) (cfg.arch: Conv).

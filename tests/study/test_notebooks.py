@@ -182,6 +182,19 @@ def test_plan_rejects_unknown_profiles():
         report.plan("digits", "huge")
 
 
+@pytest.mark.parametrize("dataset, baselines, student_minutes", [("digits", "full", None), ("fashion-mnist", "fast", 3.0)])
+def test_plan_sizes_the_student_run_and_the_baselines_by_dataset(dataset, baselines, student_minutes):
+    """The student run gets at most STUDENT_MAX_EPOCHS epochs, and at most STUDENT_MAX_MINUTES where the profile has a
+    time budget (the image sets); the baselines' grids default to full on the small sets, fast on the image sets."""
+    steps = report.plan(dataset, "default")
+    student = next(s for s in steps if s.parameters.get("config") == "student").parameters["overrides"]
+    fixed = next(s for s in steps if s.parameters.get("config") == "fixed").parameters["overrides"]
+    assert student.get("runtime.max_minutes") == student_minutes and "runtime.max_minutes" not in fixed
+    assert student["runtime.epochs"] <= report.STUDENT_MAX_EPOCHS
+    assert steps[-1].parameters["baselines"] == baselines
+    assert report.plan(dataset, "default", baselines="none")[-1].parameters["baselines"] == "none"
+
+
 def test_snapshot_epochs_are_spread_and_bounded():
     assert study.snapshot_epochs(120, 4) == (1, 5, 24, 120)
     assert study.snapshot_epochs(2, 4) == (1, 2)
