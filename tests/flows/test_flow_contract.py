@@ -11,6 +11,7 @@ test_every_flow_subclass_has_a_contract_case.
 from __future__ import annotations
 
 import copy
+import math
 import importlib
 import pkgutil
 from collections.abc import Callable
@@ -21,7 +22,7 @@ import torch
 
 import mixflow_core.flows
 from mixflow_core.flows.iresnet import ResidualBlock
-from mixflow_core.flows.layers import ActNorm, Flow, FlowSequence, Squeeze
+from mixflow_core.flows.layers import ActNorm, Flow, FlowSequence, Squeeze, Whiten
 from mixflow_core.flows.logdet import Exact, PowerSeries
 from tests.helpers import conv_g, exact_flow_logdet, initialised_eval, mlp_g, off_centre_data
 
@@ -31,6 +32,16 @@ RESIDUAL_ATOL = 1e-6  # fixed-point inverses (run to tol 1e-10)
 
 def _block(g: torch.nn.Module, estimator=None) -> ResidualBlock:
     return ResidualBlock(g, estimator or Exact(), inverse_tol=1e-10, inverse_max_iter=500)
+
+
+def _whiten(shape: tuple[int, ...]) -> Whiten:
+    """A Whiten initialised from a random, correlated covariance (a non-trivial W, not the identity)."""
+    d = math.prod(shape)
+    g = torch.Generator().manual_seed(7)
+    a = torch.randn(d, d, generator=g, dtype=torch.float64)
+    w = Whiten(shape, ridge=1e-3).double()
+    w.init_from(torch.randn(d, generator=g, dtype=torch.float64), a @ a.T / d)
+    return w
 
 
 @dataclass(frozen=True)
@@ -47,6 +58,8 @@ CASES = [
     Case("actnorm_vector", lambda: ActNorm(4), (4,), EXACT_ATOL),
     Case("actnorm_image", lambda: ActNorm(2), (2, 4, 4), EXACT_ATOL),
     Case("squeeze", lambda: Squeeze(), (2, 4, 4), EXACT_ATOL, zero_logdet=True),
+    Case("whiten_vector", lambda: _whiten((4,)), (4,), 1e-9),
+    Case("whiten_image", lambda: _whiten((2, 4, 4)), (2, 4, 4), 1e-9),
     Case("residual_mlp_exact", lambda: _block(mlp_g(4)), (4,), RESIDUAL_ATOL),
     Case("residual_conv_exact", lambda: _block(conv_g(2, 4, (4, 4))), (2, 4, 4), RESIDUAL_ATOL),
     Case(
