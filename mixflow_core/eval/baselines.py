@@ -175,7 +175,7 @@ def gaussian_samples(
     LogitPreprocess.inverse: y = (sigmoid(h) - a) / (1 - 2a), x = clamp(floor(L y), 0, L - 1).
     T = 1 samples the fitted density, T < 1 shrinks towards the class mean (T = 0: the mean's bin).
     Cost (1 thread, loaded 2-core machine): digits 0.1 s; Fashion-MNIST, copies=2, 1000 per class
-    ~30 s given the ridge, plus ~90 s to pick it (it picked 0.001, the smallest of RIDGES).
+    ~30 s given the ridge, plus ~90 s to pick it (it picks 0.001 there).
 
     Args:
         data: the splits (quantised data: levels not None); only train is used, plus val to pick r.

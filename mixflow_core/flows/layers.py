@@ -144,9 +144,9 @@ class Whiten(Flow):
     `init_from` (`fit` does it before the ActNorm init); until then the layer is the identity.
     log|det| = -1/2 sum_i log(lambda_i + ridge) for the eigenvalues lambda_i of S, the same for
     every sample. It moves the residual blocks into coordinates where the data have unit
-    covariance: a class Gaussian fit there is the per-class Gaussian baseline, and a step of g
-    no longer meets precisions of 1e3 along the near-constant pixels (the background of
-    Fashion-MNIST), which a learning rate shared by all directions cannot handle.
+    covariance (a class Gaussian fit there is the per-class Gaussian baseline), meant to spare g's
+    steps the very different scales of near-constant and varying pixels. On Fashion-MNIST it did
+    not speed up learning in the measured runs (benchmarks/RESULTS.md), so it is off by default.
     """
 
     def __init__(self, shape: tuple[int, ...], ridge: float = 1e-3) -> None:
@@ -187,9 +187,7 @@ class Whiten(Flow):
             raise ValueError(f"Whiten was built for samples of shape {self.shape}, got {tuple(x.shape[1:])}")
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        self._check(x)
-        z = (x.flatten(1) - self.mean) @ self.matrix.T
-        return z.view(x.shape), self.log_abs_det.expand(x.shape[0]).to(x.dtype)
+        return self.transform(x), self.log_abs_det.expand(x.shape[0]).to(x.dtype)
 
     def transform(self, x: Tensor) -> Tensor:
         self._check(x)

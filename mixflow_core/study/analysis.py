@@ -13,9 +13,9 @@ A notebook calls `run_config`, trains with runs.ensure_run, and later reads the 
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -215,7 +215,7 @@ def sample_quality_rows(
     from ..eval.baselines import gaussian_samples
     from ..eval.sample_quality import fit_reference_classifier, sample_quality
 
-    (x_tr, y_tr), (x_te, y_te) = _stacked(data.train), _stacked(data.test)
+    (x_tr, y_tr), (x_te, y_te) = data.train.tensors, data.test.tensors  # Splits hold TensorDatasets
     reference = fit_reference_classifier(x_tr, y_tr, data.levels, seed=seed, max_train=max_train)
     k = data.num_classes
     rows = []
@@ -245,12 +245,6 @@ def markdown_sample_quality(rows: list[dict[str, Any]]) -> str:
         lines.append(f"| {r['method']} | {r['temperature']:g} | {r['c2st_knn_accuracy']:.3f} | "
                      f"{r['c2st_logistic_accuracy']:.3f} | {r['class_fidelity']:.3f} | {r['frechet']:.3f} | {r['n']} |")
     return "\n".join(lines)
-
-
-def _stacked(data: Dataset) -> tuple[Tensor, Tensor]:
-    """All (x, y) of a dataset as two tensors."""
-    xs, ys = zip(*(data[i] for i in range(len(data))))
-    return torch.stack(xs), torch.stack([torch.as_tensor(y) for y in ys])
 
 
 def load_runs(run_dirs: dict[str, str | Path], device: str = "cpu") -> dict[str, Run]:

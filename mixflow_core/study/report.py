@@ -49,9 +49,9 @@ def project_relative(path: str | Path) -> str:
 NOTEBOOKS = ("01_train.ipynb", "02_overlap_diagnosis.ipynb", "03_sampling.ipynb", "04_report_figures.ipynb")
 TRAIN, OVERLAP, SAMPLING, FIGURES = NOTEBOOKS  # the sequence, in order; plan() names them only through these
 KERNEL = "python3"
-STUDENT_MAX_EPOCHS = 30
+STUDENT_MAX_EPOCHS = 30  # the student configuration collapses within a few epochs; more only costs time
 STUDENT_MAX_MINUTES = 3.0  # ... or minutes, where the profile has a time budget (the image sets)
-SMALL_DATASETS = ("digits", "toy2d")  # the full baseline grids take seconds; on the image sets, "fast"  # the student configuration collapses within a few epochs; more only costs time
+SMALL_DATASETS = ("digits", "toy2d")  # the full baseline grids take seconds there; on the image sets, "fast"
 
 
 class ReportError(RuntimeError):

@@ -20,6 +20,7 @@ DATASETS = ("digits", "fashion-mnist", "cifar10", "toy2d")
 PROFILES = ("smoke", "default", "full")
 
 _CONV_IMAGE = dict(coeff=0.9, logdet=PowerSeries(n_terms=5), actnorm=True)
+_ROULETTE = RussianRoulette(n_exact_terms=2, neumann_gradient=True)  # unbiased; 2.3x the 5-term series' conv step
 
 
 def _profiles() -> dict[tuple[str, str], RunConfig]:
@@ -80,7 +81,7 @@ def _profiles() -> dict[tuple[str, str], RunConfig]:
         p[name, "full"] = RunConfig(  # i-ResNet / Residual-Flow scale, one or more GPUs
             DataConfig(name),
             ModelConfig(**{**_CONV_IMAGE, "arch": Conv(channels=width, n_blocks=blocks, n_scales=3),
-                           "logdet": RussianRoulette(n_exact_terms=2, neumann_gradient=True)}),
+                           "logdet": _ROULETTE}),
             PriorConfig(init="separated"),
             TrainConfig(batch_size=64, lr=1e-3, objective=Hybrid(beta=float(d)), schedule="cosine",
                         early_stopping="val_bpd", grad_clip=100.0),
@@ -94,14 +95,14 @@ def _profiles() -> dict[tuple[str, str], RunConfig]:
     moments = PriorConfig(init="moments", covariance="full", moments_ridge=1e-3)
     p["fashion-mnist", "default"] = replace(
         fashion,
-        model=replace(fashion.model, logdet=RussianRoulette(n_exact_terms=2, neumann_gradient=True)),
+        model=replace(fashion.model, logdet=_ROULETTE),
         prior=moments,
         train=replace(fashion.train, objective=Hybrid(beta=1.0)),
         runtime=replace(fashion.runtime, epochs=10, max_minutes=10.0, patience=3),
     )
     smoke = p["fashion-mnist", "smoke"]
     p["fashion-mnist", "smoke"] = replace(  # the default's prior and estimator at smoke size
-        smoke, model=replace(smoke.model, logdet=RussianRoulette(n_exact_terms=2, neumann_gradient=True)), prior=moments)
+        smoke, model=replace(smoke.model, logdet=_ROULETTE), prior=moments)
     return p
 
 
