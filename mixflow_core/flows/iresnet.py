@@ -6,7 +6,9 @@ x = z - g(x)) and log|det J_f| = tr log(I + J_g), estimated by a pluggable estim
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -14,12 +16,15 @@ from torch import Tensor, nn
 
 from .config import MLP, Conv, ModelConfig
 from .layers import ActNorm, Flow, FlowSequence, Squeeze, Whiten
-from .lipschitz import LipSwish, SpectralConv2d, SpectralLinear
+from .lipschitz import LipSwish, SpectralConv2d, SpectralLinear, refresh_spectral_norms, spectral_layers
 from .logdet import LogDetEstimator, PowerSeries
 
 __all__ = [
     "FixedPointInfo",
     "ResidualBlock",
+    "IResNet",
+    "PRECISIONS",
+    "training_precision",
     "fixed_point_inverse",
     "build_iresnet",
     "build_mlp_iresnet",
@@ -81,11 +86,19 @@ class ResidualBlock(Flow):
         self.eval_logdet = eval_logdet if eval_logdet is not None else logdet
         self.inverse_tol, self.inverse_max_iter = inverse_tol, inverse_max_iter
         self.last_inverse: FixedPointInfo | None = None
+        self.autocast_dtype: torch.dtype | None = None  # set by training_precision: g under autocast in training
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        estimator = self.logdet if self.training else self.eval_logdet
-        gx, logdet = estimator(self.g, x)
+        if self.training and self.autocast_dtype is not None:
+            gx, logdet = self.logdet(self._autocast_g, x)
+        else:
+            gx, logdet = (self.logdet if self.training else self.eval_logdet)(self.g, x)
         return x + gx, logdet
+
+    def _autocast_g(self, x: Tensor) -> Tensor:
+        """g(x) with its convolutions / linear maps under autocast (lower precision), returned in x's dtype."""
+        with torch.autocast(x.device.type, dtype=self.autocast_dtype):
+            return self.g(x).to(x.dtype)
 
     def transform(self, x: Tensor) -> Tensor:
         """x + g(x) without the log-det estimate."""
@@ -103,6 +116,53 @@ class ResidualBlock(Flow):
 
     def extra_repr(self) -> str:
         return f"logdet={self.logdet}, eval_logdet={self.eval_logdet}"
+
+
+class IResNet(FlowSequence):
+    """The flow of residual blocks: a FlowSequence whose training forward first refreshes the power iterations of all
+    its spectral layers at once (refresh_spectral_norms: batched per shape, one host sync per few iterations), instead
+    of each layer refreshing itself, one at a time, when it is applied."""
+
+    def __init__(self, layers: list[Flow]) -> None:
+        super().__init__(layers)
+        self._spectral = spectral_layers(self)
+        for layer in self._spectral:
+            layer.external_refresh = True
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        if self.training and torch.is_grad_enabled():
+            refresh_spectral_norms(self._spectral)
+        return super().forward(x)
+
+
+PRECISIONS = ("fp32", "tf32", "bf16")
+
+
+@contextlib.contextmanager
+def training_precision(flow: nn.Module, precision: str) -> Iterator[None]:
+    """Inside: the training steps of `flow` at `precision` (RuntimeConfig.precision); after: as before.
+
+    - "fp32": full float32 (float64) arithmetic; on CUDA also TF32 off for matmuls and cuDNN
+      convolutions (PyTorch's own default lets cuDNN use TF32).
+    - "tf32": CUDA matmuls and convolutions in TF32 (no effect on CPU).
+    - "bf16": tf32, and g of every residual block under bfloat16 autocast in training mode: its
+      convolutions / linear maps in bf16, its output cast back. The spectral norms' sigma, the
+      log-det sums, ActNorm and the prior stay in the model's dtype. Evaluation (eval mode) runs as built.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+    tf32 = precision != "fp32"
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    blocks = [m for m in flow.modules() if isinstance(m, ResidualBlock)]
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+    for block in blocks:
+        block.autocast_dtype = torch.bfloat16 if precision == "bf16" else None
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+        for block in blocks:
+            block.autocast_dtype = None
 
 
 def _activation(name: str) -> nn.Module:
@@ -123,7 +183,7 @@ def _block(g: nn.Sequential, cfg: ModelConfig) -> ResidualBlock:
     return ResidualBlock(g, cfg.logdet, cfg.eval_estimator, cfg.inverse_tol, cfg.inverse_max_iter)
 
 
-def build_mlp_iresnet(dim: int, cfg: ModelConfig) -> FlowSequence:
+def build_mlp_iresnet(dim: int, cfg: ModelConfig) -> IResNet:
     """[Whiten], then per block [ActNorm] + residual block with g = Linear -> act -> ... -> Linear, widths dim-hidden-dim
     (cfg.arch: MLP)."""
     arch = cfg.arch
@@ -140,10 +200,10 @@ def build_mlp_iresnet(dim: int, cfg: ModelConfig) -> FlowSequence:
                 net.append(_activation(cfg.activation))
             net.append(SpectralLinear(w_in, w_out, cfg.coeff, cfg.n_power_iterations, power_rtol=cfg.power_rtol))
         layers.append(_block(nn.Sequential(*net), cfg))
-    return FlowSequence(layers)
+    return IResNet(layers)
 
 
-def build_conv_iresnet(shape: tuple[int, int, int], cfg: ModelConfig) -> FlowSequence:
+def build_conv_iresnet(shape: tuple[int, int, int], cfg: ModelConfig) -> IResNet:
     """Multi-scale conv i-ResNet: [Whiten] of the whole image, then n_scales stages of n_blocks, a Squeeze between stages.
 
     g = conv k x k (C -> h) -> act -> conv 1x1 (h -> h) -> act -> conv k x k (h -> C), each
@@ -173,10 +233,10 @@ def build_conv_iresnet(shape: tuple[int, int, int], cfg: ModelConfig) -> FlowSeq
                 SpectralConv2d(hidden, c, k, **sn),
             )
             layers.append(_block(g, cfg))
-    return FlowSequence(layers)
+    return IResNet(layers)
 
 
-def build_iresnet(data_shape: tuple[int, ...], cfg: ModelConfig) -> FlowSequence:
+def build_iresnet(data_shape: tuple[int, ...], cfg: ModelConfig) -> IResNet:
     """The i-ResNet for per-sample data of `data_shape`: MLP for vectors (D,), Conv for images (C, H, W)."""
     if isinstance(cfg.arch, MLP):
         if len(data_shape) != 1:

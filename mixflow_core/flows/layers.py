@@ -82,6 +82,11 @@ class ActNorm(Flow):
         self.bias = nn.Parameter(torch.zeros(num_channels))
         self.log_scale = nn.Parameter(torch.zeros(num_channels))
         self.register_buffer("initialized", torch.tensor(False))
+        self._seen_initialized = False  # host-side mirror of the buffer once read True: no device sync per step
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._seen_initialized = False  # the loaded buffer decides again at the next training forward
 
     def _view(self, p: Tensor, x: Tensor) -> Tensor:
         return p.view(1, -1, *([1] * (x.dim() - 2)))
@@ -100,8 +105,10 @@ class ActNorm(Flow):
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         if x.dim() < 2 or x.shape[1] != self.num_channels:
             raise ValueError(f"ActNorm expects (B, {self.num_channels}, ...), got {tuple(x.shape)}")
-        if self.training and not bool(self.initialized):
-            self._init_from(x)
+        if self.training and not self._seen_initialized:  # the buffer is read (a sync) until it is first seen True
+            if not bool(self.initialized):
+                self._init_from(x)
+            self._seen_initialized = True
         z = (x - self._view(self.bias, x)) * torch.exp(-self._view(self.log_scale, x))
         positions = x[0, 0].numel()
         logdet = (-self.log_scale.sum() * positions).expand(x.shape[0])

@@ -18,7 +18,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["SpectralLinear", "SpectralConv2d", "LipSwish", "operator_norm", "spectral_layers", "check_coeff",
-           "converge_spectral_norms", "converged_spectral_norms", "power_vectors", "load_power_vectors"]
+           "refresh_spectral_norms", "converge_spectral_norms", "converged_spectral_norms", "power_vectors",
+           "load_power_vectors"]
+
+CHECK_EVERY = 5  # power iterations between two convergence checks of a batched refresh (each check: one host sync)
 
 
 def _normalise(v: Tensor, eps: float = 1e-12) -> Tensor:
@@ -34,6 +37,7 @@ class _SpectralNormMixin(nn.Module):
     max_power_iterations: int  # ... but at most this many more
     u: Tensor  # left singular vector, shape of the output
     v: Tensor  # right singular vector, shape of the input
+    external_refresh: bool = False  # True: an owner (IResNet) refreshes all its layers at once per training step
 
     def _init_spectral(self, layer: nn.Module, coeff: float, n_power_iterations: int, power_rtol: float | None,
                        max_power_iterations: int) -> None:
@@ -106,9 +110,10 @@ class _SpectralNormMixin(nn.Module):
         A training step is training mode with grad enabled: fixed-point inversions and
         evaluations under no_grad see one fixed function.
         """
-        if self.training and torch.is_grad_enabled() and self.n_power_iterations > 0:
+        if self.training and torch.is_grad_enabled() and self.n_power_iterations > 0 and not self.external_refresh:
             self.refresh()
-        factor = torch.clamp(self.sigma() / self.coeff, min=1.0)
+        with torch.autocast(self.weight.device.type, enabled=False):  # sigma at full precision under autocast too
+            factor = torch.clamp(self.sigma() / self.coeff, min=1.0)
         return self.weight / factor
 
     def extra_repr(self) -> str:
@@ -226,11 +231,121 @@ def spectral_layers(module: nn.Module) -> list[_SpectralNormMixin]:
     return [m for m in module.modules() if isinstance(m, _SpectralNormMixin)]
 
 
-def converge_spectral_norms(module: nn.Module) -> None:
+class _Group:
+    """Spectral layers of one kind and shape, power-iterated as one batched operator.
+
+    G linear layers: one bmm of the stacked (G, out, in) weights. G convolutions: one grouped
+    convolution (groups=G) of the stacked kernels on the stacked vectors, and its transpose.
+    Per member the arithmetic is that of the layer's own power_iterate.
+    """
+
+    def __init__(self, layers: list[_SpectralNormMixin]) -> None:
+        self.layers = layers
+        self.conv = isinstance(layers[0], SpectralConv2d)
+        self.w = torch.stack([layer.weight.detach() for layer in layers])
+        self.u = torch.cat([layer.u.reshape(1, *layer.u.shape[-3:]) if self.conv else layer.u[None] for layer in layers])
+        self.v = torch.cat([layer.v.reshape(1, *layer.v.shape[-3:]) if self.conv else layer.v[None] for layer in layers])
+
+    def _apply_W(self, v: Tensor) -> Tensor:
+        if not self.conv:
+            return torch.bmm(self.w, v.unsqueeze(-1)).squeeze(-1)
+        g = len(self.layers)
+        out = F.conv2d(v.reshape(1, -1, *v.shape[-2:]), self.w.flatten(0, 1), padding=self.layers[0].padding, groups=g)
+        return out.reshape(g, -1, *out.shape[-2:])
+
+    def _apply_WT(self, u: Tensor) -> Tensor:
+        if not self.conv:
+            return torch.bmm(self.w.transpose(1, 2), u.unsqueeze(-1)).squeeze(-1)
+        g = len(self.layers)
+        out = F.conv_transpose2d(u.reshape(1, -1, *u.shape[-2:]), self.w.flatten(0, 1), padding=self.layers[0].padding,
+                                 groups=g)
+        return out.reshape(g, -1, *out.shape[-2:])
+
+    @staticmethod
+    def _normalise(x: Tensor, eps: float = 1e-12) -> Tensor:
+        return x / (x.flatten(1).norm(dim=1).view(-1, *[1] * (x.dim() - 1)) + eps)
+
+    def iterate(self) -> Tensor:
+        """One power iteration of every member; returns each member's sigma = u^T W v for the new (u, v)."""
+        self.v = self._normalise(self._apply_WT(self.u))
+        wv = self._apply_W(self.v)
+        self.u = self._normalise(wv)
+        return (self.u * wv).flatten(1).sum(1)
+
+    def sigma(self) -> Tensor:
+        return (self.u * self._apply_W(self.v)).flatten(1).sum(1)
+
+    def until_settled(self, rtol: float, max_iterations: int, check_every: int, sigma: Tensor | None = None) -> int:
+        """Iterate until every member's sigma has changed by <= rtol (relative) at one iteration, checked (one host
+        sync) every `check_every` iterations; members settled earlier keep iterating. Returns the iterations run."""
+        sigma = self.sigma() if sigma is None else sigma
+        done = torch.zeros_like(sigma, dtype=torch.bool)
+        count = 0
+        while count < max_iterations:
+            for _ in range(min(check_every, max_iterations - count)):
+                new = self.iterate()
+                done |= (new - sigma).abs() <= rtol * new.abs()
+                sigma, count = new, count + 1
+            if bool(done.all()):
+                break
+        return count
+
+    def write_back(self) -> None:
+        for i, layer in enumerate(self.layers):
+            layer.u.copy_(self.u[i].view_as(layer.u))
+            layer.v.copy_(self.v[i].view_as(layer.v))
+
+
+def _groups(layers: list[_SpectralNormMixin]) -> list[_Group]:
+    """Layers that can share one batched power iteration: same kind, weight shape, input size, dtype, device and
+    iteration settings."""
+    keyed: dict[tuple, list[_SpectralNormMixin]] = {}
+    for layer in layers:
+        key = (type(layer), tuple(layer.weight.shape), getattr(layer, "input_hw", None), getattr(layer, "padding", None),
+               layer.weight.dtype, layer.weight.device, layer.n_power_iterations, layer.power_rtol,
+               layer.max_power_iterations)
+        keyed.setdefault(key, []).append(layer)
+    return [_Group(members) for members in keyed.values()]
+
+
+@torch.no_grad()
+def refresh_spectral_norms(layers: list[_SpectralNormMixin], check_every: int = CHECK_EVERY) -> int:
+    """One training step's power iterations for many spectral layers at once; returns the most any group ran.
+
+    The same rule as each layer's `refresh` (n_power_iterations, then more until sigma settles to
+    power_rtol, at most max_power_iterations more), batched over layers of equal shape, with the
+    convergence read on the host once every `check_every` iterations per group instead of after
+    every iteration of every layer. A member may iterate a few times past its own tolerance.
+    """
+    most = 0
+    for group in _groups(layers):
+        first = group.layers[0]
+        sigma = None
+        for _ in range(first.n_power_iterations):
+            sigma = group.iterate()
+        count = first.n_power_iterations
+        if first.power_rtol is not None and first.max_power_iterations > 0:
+            count += group.until_settled(first.power_rtol, first.max_power_iterations, check_every, sigma)
+        group.write_back()
+        most = max(most, count)
+    return most
+
+
+@torch.no_grad()
+def converge_spectral_norms(module: nn.Module, rtol: float = 1e-7, max_iterations: int = 2000) -> None:
     """Every spectral layer's (u, v) converged for its current weight, in place: Lip(layer) <= coeff holds exactly
-    for the weights as they are (call it before saving or evaluating weights that a training step just changed)."""
-    for layer in spectral_layers(module):
-        layer.converge()
+    for the weights as they are (call it before saving or evaluating weights that a training step just changed).
+
+    Linear layers: exact top singular vectors (one batched SVD per shape). Convolutions: power
+    iteration until sigma changes by <= rtol, batched per shape as in refresh_spectral_norms.
+    """
+    for group in _groups(spectral_layers(module)):
+        if group.conv:
+            group.until_settled(rtol, max_iterations, check_every=10)
+        else:
+            u, _, vh = torch.linalg.svd(group.w, full_matrices=False)
+            group.u, group.v = u[:, :, 0], vh[:, 0, :]
+        group.write_back()
 
 
 def power_vectors(module: nn.Module) -> dict[str, Tensor]:

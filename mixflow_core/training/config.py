@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 from ..data import DataConfig
 from ..flows.config import ModelConfig, PriorConfig, conform, describe, from_dict, parse_tagged, tagged_types, to_dict
+from ..flows.iresnet import PRECISIONS
 from ..flows.objectives import Hybrid, TrainingObjective
 
 __all__ = ["TrainConfig", "RuntimeConfig", "RunConfig", "apply_overrides", "resume_conflicts", "flatten", "upgrade",
@@ -65,8 +66,11 @@ class RuntimeConfig:
     progress: bool = True  # tqdm progress bars (rank 0)
     eval_batch_size: int = 500
     eval_draws: int = 1  # dequantisation draws averaged (importance-weighted) in the final val / test metrics
+    precision: Literal["fp32", "tf32", "bf16"] = "fp32"  # training steps' arithmetic (flows.iresnet.training_precision)
 
     def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be fp32, tf32 or bf16, got {self.precision!r}")
         if self.epochs < 1 or self.eval_batch_size < 1 or self.threads < 1:
             raise ValueError(f"epochs, eval_batch_size and threads must be positive: {self}")
         if self.eval_draws < 1:

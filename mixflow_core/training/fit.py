@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from ..data import Splits
 from ..eval.diagnostics import latents, prior_overlap
 from ..eval.metrics import accuracy, bits_per_dim, over_dataset
+from ..flows.iresnet import training_precision
 from ..flows.layers import Whiten
 from ..flows.lipschitz import converge_spectral_norms, converged_spectral_norms, load_power_vectors, power_vectors
 from ..flows.model import MixtureFlow
@@ -380,7 +381,8 @@ def _end_epoch(model: MixtureFlow, opt, sched, data: Splits, probe_x: Tensor, cf
             state.history.best_epoch = epoch + 1
             state.best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
         logger.info("epoch %d: %s", epoch + 1, ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "epoch"))
-        out_of_time = bool(ctx.all_sum(torch.tensor(float(late), device=device)) > 0)  # ranks stop together
+        late_flag = torch.tensor(float(late), dtype=torch.float64, device=device)
+        out_of_time = bool(ctx.all_sum(late_flag) > 0)  # ranks stop together
         stop_early = cfg.early_stopping != "none" and state.bad_epochs >= runtime.patience
         if stop_early:
             state.history.stopped = "early stopping"
@@ -475,18 +477,19 @@ def fit(
 
     if state.start_epoch < runtime.epochs:
         state.history.stopped = "completed"  # until the loop says otherwise
-    for epoch in range(state.start_epoch, runtime.epochs):
-        sampler.set_epoch(epoch)
-        record, cut_short = _train_epoch(net, model, loader, opt, cfg, runtime, state, ctx, device, epoch, clock,
-                                         lambda step, sums, epoch=epoch: checkpoint_mid_epoch(epoch, step, sums))
-        if not cut_short:
-            sched.step()
-        late = cut_short or clock.out_of_time(time.perf_counter())
-        stop_early, out_of_time = _end_epoch(model, opt, sched, data, probe_x, cfg, runtime, state, record, run_dir,
-                                             snapshot_epochs, late, ctx, device)
-        ctx.barrier()
-        if stop_early or out_of_time:
-            break
+    with training_precision(model.flow, runtime.precision):
+        for epoch in range(state.start_epoch, runtime.epochs):
+            sampler.set_epoch(epoch)
+            record, cut_short = _train_epoch(net, model, loader, opt, cfg, runtime, state, ctx, device, epoch, clock,
+                                             lambda step, sums, epoch=epoch: checkpoint_mid_epoch(epoch, step, sums))
+            if not cut_short:
+                sched.step()
+            late = cut_short or clock.out_of_time(time.perf_counter())
+            stop_early, out_of_time = _end_epoch(model, opt, sched, data, probe_x, cfg, runtime, state, record,
+                                                 run_dir, snapshot_epochs, late, ctx, device)
+            ctx.barrier()
+            if stop_early or out_of_time:
+                break
     if state.best_weights is not None and cfg.early_stopping != "none":
         model.load_state_dict(state.best_weights)  # return the best validated weights
     converge_spectral_norms(model)  # the returned model keeps Lip <= coeff for its weights (a no-op for best weights)

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import mixflow_core.flows
-from mixflow_core.flows.iresnet import ResidualBlock
+from mixflow_core.flows.iresnet import IResNet, ResidualBlock
 from mixflow_core.flows.layers import ActNorm, Flow, FlowSequence, Squeeze, Whiten
 from mixflow_core.flows.logdet import Exact, PowerSeries
 from tests.helpers import conv_g, exact_flow_logdet, initialised_eval, mlp_g, off_centre_data
@@ -73,6 +73,11 @@ CASES = [
     Case(
         "flow_sequence_image",
         lambda: FlowSequence([ActNorm(2), _block(conv_g(2, 4, (4, 4))), Squeeze(), ActNorm(8)]),
+        (2, 4, 4), RESIDUAL_ATOL,
+    ),
+    Case(
+        "iresnet_image",  # the builders' FlowSequence whose training forward refreshes its spectral layers batched
+        lambda: IResNet([ActNorm(2), _block(conv_g(2, 4, (4, 4))), ActNorm(2), _block(conv_g(2, 4, (4, 4)))]),
         (2, 4, 4), RESIDUAL_ATOL,
     ),
 ]
