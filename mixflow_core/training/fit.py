@@ -194,7 +194,9 @@ def _resume(model: MixtureFlow, opt, sched, cfg: TrainConfig, runtime: RuntimeCo
             ctx: DistContext, device: torch.device) -> _State:
     """The loop's state from run_dir/checkpoint.pt, after config.resume_conflicts allowed it."""
     path = run_dir / "checkpoint.pt"
-    ckpt = load_checkpoint(path, device)
+    # read on the CPU: load_state_dict moves weights and optimiser moments to the parameters' device, while Adam's
+    # step counts stay on the CPU as in a fresh run (on the GPU every step would sync once per parameter)
+    ckpt = load_checkpoint(path)
     check_resumable(ckpt, cfg, runtime, path)
     try:
         model.load_state_dict(ckpt["model"])  # evaluation-ready: converged power-iteration vectors ...
