@@ -245,13 +245,15 @@ def _probabilities(method: str, fitted, param, seed: int, x_tr: np.ndarray, y_tr
     return CalibratedClassifierCV(_make_classifier(method, param, seed), ensemble=False).fit(x_tr, y_tr)
 
 
-def _val_score(method: str, param, seed: int, x_tr, y_tr, x_va, y_va) -> float:
-    """Validation accuracy, or -inf where the fit is impossible (QDA with fewer examples per class than features)."""
+def _val_score(method: str, param, seed: int, x_tr, y_tr, x_va, y_va):
+    """(validation accuracy, the fitted classifier), or (-inf, None) where the fit is impossible (QDA with fewer
+    examples per class than features)."""
     try:
-        return _make_classifier(method, param, seed).fit(x_tr, y_tr).score(x_va, y_va)
+        clf = _make_classifier(method, param, seed).fit(x_tr, y_tr)
+        return clf.score(x_va, y_va), clf
     except np.linalg.LinAlgError as err:
         log.info("%s %r cannot be fit: %s", method, param, err)
-        return float("-inf")
+        return float("-inf"), None
 
 
 def sklearn_baselines(
@@ -281,13 +283,17 @@ def sklearn_baselines(
         with warnings.catch_warnings():
             # QDA warns about collinear variables at small reg_param (constant border pixels)
             warnings.filterwarnings("ignore", message="Variables are collinear")
-            scores = [_val_score(method, p, seed, x_tr, y_tr, x_va, y_va) for p in grid]
-            if not np.isfinite(scores).any():
+            scores, clf = [], None
+            for p in grid:  # the first best fit is kept (deterministic: refitting it would give the same model)
+                score, fitted = _val_score(method, p, seed, x_tr, y_tr, x_va, y_va)
+                if fitted is not None and (clf is None or score > max(scores)):
+                    clf = fitted
+                scores.append(score)
+            if clf is None:
                 log.warning("%s: no grid point could be fit on %d training examples; row left out",
                             _SKLEARN_NAMES[method], len(y_tr))
                 continue
             i = int(np.argmax(scores))  # first maximum
-            clf = _make_classifier(method, grid[i], seed).fit(x_tr, y_tr)
             prob_model = _probabilities(method, clf, grid[i], seed, x_tr, y_tr)
             pred, proba = clf.predict(x_te), prob_model.predict_proba(x_te)
         probs = torch.zeros(len(y_te), data.num_classes, dtype=torch.float64)
