@@ -9,7 +9,7 @@ DATASET ?= digits
 PROFILE ?= default
 DEVICE  ?= cpu
 
-.PHONY: install test bench report lint clean
+.PHONY: install test bench report lint clean gpu-data
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ lint: $(STAMP)  ## ruff on the package, tests, benchmarks and notebooks
 
 bench: $(STAMP)  ## print the log-det estimator benchmark (see benchmarks/RESULTS.md)
 	$(BIN)/python benchmarks/logdet_accuracy.py
+
+gpu-data:  ## copy Debian's Fashion-MNIST idx files into data/fashion-mnist/ (ignored; travels to the GPU machine)
+	mkdir -p data/fashion-mnist
+	cp /usr/share/datasets/fashion-mnist/*.gz data/fashion-mnist/
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache reports
