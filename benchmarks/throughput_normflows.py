@@ -22,10 +22,16 @@ Mapping of normflows settings (normflows 1.7.3, nf.flows.Residual / nf.nets.Lips
   last layer; ours is lin-act-lin-act-lin with a fixed LipSwish. ActNorm: nf.flows.ActNorm((64,)).
   Prior: nf.distributions.ClassCondDiagGaussian(64, 10) in nf.ClassCondFlow.forward_kld.
 
+`--conv`: the same comparison for a conv residual flow on 1x28x28 images at 256 levels (random
+Fashion-MNIST-shaped data; speed does not depend on content): 4 x [ActNorm, x + g(x)] at one
+scale, g = conv 3x3 (1 -> 32) - LipSwish - conv 1x1 (32 -> 32) - LipSwish - conv 3x3 (32 -> 1),
+each spectrally normalised as an operator (ours: Conv(channels=32, n_blocks=4, n_scales=1);
+normflows: nf.nets.LipschitzCNN([1, 32, 32, 1], [3, 1, 3]), act-conv-act-conv-act-conv).
+
 Timing: every variant runs `--steps` steps per round, variants interleaved, `--rounds` rounds;
 samples/s from the median round. `--profile` adds a cProfile / torch.profiler breakdown of ours.
 
-    .venv/bin/python benchmarks/throughput_normflows.py [--rounds 7] [--steps 20] [--threads 1] [--profile]
+    .venv/bin/python benchmarks/throughput_normflows.py [--rounds 7] [--steps 20] [--threads 1] [--profile] [--conv]
 """
 
 from __future__ import annotations
@@ -42,17 +48,20 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import header, loadavg, table  # noqa: E402
 
-from mixflow_core import MLP, ModelConfig, PowerSeries, PriorConfig, build_model  # noqa: E402
+from mixflow_core import MLP, Conv, ModelConfig, PowerSeries, PriorConfig, build_model  # noqa: E402
 from mixflow_core.data import DataConfig, load_data  # noqa: E402
 from mixflow_core.flows.objectives import likelihood  # noqa: E402
 
-ALPHA, LEVELS = 0.05, 17
+ALPHA = 0.05
+SHAPES = {False: ((64,), 17), True: ((1, 28, 28), 256)}  # --conv: (per-sample shape, levels)
 
 
-def ours(power_rtol: float | None, neumann: bool, class_counts: torch.Tensor):
-    cfg = ModelConfig(arch=MLP(hidden=(128, 128), n_blocks=10), coeff=0.9, power_rtol=power_rtol,
+def ours(power_rtol: float | None, neumann: bool, class_counts: torch.Tensor, conv: bool):
+    arch = Conv(channels=32, n_blocks=4, n_scales=1, kernel_size=3) if conv else MLP(hidden=(128, 128), n_blocks=10)
+    cfg = ModelConfig(arch=arch, coeff=0.9, power_rtol=power_rtol,
                       logdet=PowerSeries(n_terms=5, n_probes=1, neumann_gradient=neumann))
-    model = build_model((64,), 10, LEVELS, cfg, PriorConfig(init="separated"), class_counts)
+    shape, levels = SHAPES[conv]
+    model = build_model(shape, 10, levels, cfg, PriorConfig(init="separated"), class_counts)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
 
     def step(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -66,20 +75,27 @@ def ours(power_rtol: float | None, neumann: bool, class_counts: torch.Tensor):
     return model, step
 
 
-def theirs(nf, reduce_memory: bool, power_iterations: int):
+def theirs(nf, reduce_memory: bool, power_iterations: int, conv: bool):
+    shape, levels = SHAPES[conv]
     flows = []
-    for _ in range(10):
-        net = nf.nets.LipschitzMLP([64, 128, 128, 64], lipschitz_const=0.9, max_lipschitz_iter=power_iterations,
-                                   init_zeros=True)
+    for _ in range(4 if conv else 10):
+        if conv:
+            net = nf.nets.LipschitzCNN([1, 32, 32, 1], [3, 1, 3], lipschitz_const=0.9,
+                                       max_lipschitz_iter=power_iterations, init_zeros=True)
+        else:
+            net = nf.nets.LipschitzMLP([64, 128, 128, 64], lipschitz_const=0.9, max_lipschitz_iter=power_iterations,
+                                       init_zeros=True)
         flows += [nf.flows.Residual(net, reduce_memory=reduce_memory, n_power_series=5, exact_trace=False,
-                                    brute_force=False, n_samples=1), nf.flows.ActNorm((64,))]
-    model = nf.ClassCondFlow(nf.distributions.ClassCondDiagGaussian(64, 10), flows)
+                                    brute_force=False, n_samples=1),
+                  nf.flows.ActNorm((1, 1, 1) if conv else (64,))]
+    model = nf.ClassCondFlow(nf.distributions.ClassCondDiagGaussian(shape, 10), flows)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    dim = math.prod(shape)
 
     def step(x: torch.Tensor, y: torch.Tensor) -> float:
         model.train()
-        h, logdet_pre = preprocess(x)
-        loss = (model.forward_kld(h, y) - logdet_pre.mean()) / 64  # same per-dimension scaling as ours
+        h, logdet_pre = preprocess(x, levels)
+        loss = (model.forward_kld(h, y) - logdet_pre.mean()) / dim  # same per-dimension scaling as ours
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -89,12 +105,13 @@ def theirs(nf, reduce_memory: bool, power_iterations: int):
     return model, step
 
 
-def preprocess(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def preprocess(x: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The same dequantisation + logit as mixflow's LogitPreprocess."""
     x = x.float()
-    s = ALPHA + (1 - 2 * ALPHA) * (x + torch.rand_like(x)) / LEVELS
+    s = ALPHA + (1 - 2 * ALPHA) * (x + torch.rand_like(x)) / levels
     h = torch.log(s) - torch.log1p(-s)
-    logdet = (math.log(1 - 2 * ALPHA) - torch.log(s) - torch.log1p(-s)).sum(1) - 64 * math.log(LEVELS)
+    dims = tuple(range(1, x.dim()))
+    logdet = (math.log(1 - 2 * ALPHA) - torch.log(s) - torch.log1p(-s)).sum(dims) - x[0].numel() * math.log(levels)
     return h, logdet
 
 
@@ -107,6 +124,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--nf-power-iterations", type=int, default=1)
     ap.add_argument("--profile", action="store_true", help="also profile our default step (cProfile + torch.profiler)")
+    ap.add_argument("--conv", action="store_true", help="the conv variant at 1x28x28 (see the docstring)")
     args = ap.parse_args()
     try:
         import normflows as nf
@@ -119,14 +137,22 @@ def main() -> None:
     print(f"normflows {nf.__version__}, batch {args.batch_size}, "
           f"{args.rounds} rounds x {args.steps} steps per variant, "
           f"interleaved\n")
-    data = load_data(DataConfig("digits", seed=0))
-    x_all, y_all = data.train.tensors
+    if args.conv:  # random Fashion-MNIST-shaped images: the step's speed does not depend on their content
+        x_all = torch.randint(0, 256, (2048, 1, 28, 28), generator=torch.Generator().manual_seed(0))
+        y_all = torch.arange(2048) % 10
+        counts = torch.bincount(y_all, minlength=10)
+    else:
+        data = load_data(DataConfig("digits", seed=0))
+        x_all, y_all = data.train.tensors
+        counts = data.class_counts()
+    c = args.conv
     variants = {
-        "mixflow default (power_rtol=1e-4)": ours(1e-4, False, data.class_counts()),
-        "mixflow power_rtol=None (1 power it.)": ours(None, False, data.class_counts()),
-        "normflows reduce_memory=False": theirs(nf, False, args.nf_power_iterations),
-        "mixflow power_rtol=None + neumann_gradient": ours(None, True, data.class_counts()),
-        "normflows reduce_memory=True (Neumann grad.)": theirs(nf, True, args.nf_power_iterations),
+        "mixflow default (power_rtol=1e-4)": ours(1e-4, False, counts, c),
+        "mixflow power_rtol=None (1 power it.)": ours(None, False, counts, c),
+        "normflows reduce_memory=False": theirs(nf, False, args.nf_power_iterations, c),
+        "mixflow default + neumann_gradient": ours(1e-4, True, counts, c),
+        "mixflow power_rtol=None + neumann_gradient": ours(None, True, counts, c),
+        "normflows reduce_memory=True (Neumann grad.)": theirs(nf, True, args.nf_power_iterations, c),
     }
     n_params = {k: sum(p.numel() for p in m.parameters() if p.requires_grad) for k, (m, _) in variants.items()}
     gen = torch.Generator().manual_seed(0)
