@@ -126,6 +126,8 @@ def _add_ablate(sub, common) -> None:
     a.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds, each run for every variant (default 0)")
     a.add_argument("--epochs", type=int, default=30, help="epochs per run, no early stopping (default 30)")
     a.add_argument("--max-minutes", type=float, help="wall-clock budget per run")
+    a.add_argument("--max-steps", type=int, help="optimiser-step budget per run (the same for every variant, whatever "
+                   "the machine's load)")
     _set_argument(a, "override fields of the base profile (as for train)")
     a.add_argument("--only", nargs="+", metavar="VARIANT", help="run only these variants (names as in the table)")
     a.add_argument("--data-root", help="directory with the dataset files (sets data.root)")
@@ -250,8 +252,10 @@ def _ablate(args: argparse.Namespace) -> int:
     if args.epochs < 1:
         raise RunError(f"--epochs must be >= 1, got {args.epochs}")
     out = args.out or Path("runs") / f"ablation-{args.dataset}-{args.profile}"
+    if args.max_steps is not None and args.max_steps < 1:
+        raise RunError(f"--max-steps must be >= 1, got {args.max_steps}")
     rows = ablate(base, out, tuple(args.seeds), args.epochs, args.max_minutes,
-                  tuple(args.only) if args.only else None)
+                  tuple(args.only) if args.only else None, max_steps=args.max_steps)
     print(markdown_table(rows))
     print(f"wrote {out / 'ablation.json'} and {out / 'ablation.md'}")
     return 0

@@ -86,7 +86,7 @@ def variants(dim: int) -> list[Variant]:
     ]
 
 
-def _budget(cfg: RunConfig, epochs: int, max_minutes: float | None, seed: int) -> RunConfig:
+def _budget(cfg: RunConfig, epochs: int, max_minutes: float | None, seed: int, max_steps: int | None = None) -> RunConfig:
     """Same budget and evaluation for every variant: fixed epochs, no early stopping, and an exact (vectors) or unbiased
     (images: Russian roulette, 2 exact terms; ~3 vector-Jacobian products per block instead of a 10-term series'
     10, whose truncation is biased) evaluation log-det."""
@@ -95,7 +95,8 @@ def _budget(cfg: RunConfig, epochs: int, max_minutes: float | None, seed: int) -
         cfg,
         model=replace(cfg.model, eval_logdet=eval_logdet),
         train=replace(cfg.train, early_stopping="none", seed=seed),
-        runtime=replace(cfg.runtime, epochs=epochs, max_minutes=max_minutes, progress=False, eval_draws=1),  # one draw
+        runtime=replace(cfg.runtime, epochs=epochs, max_minutes=max_minutes, max_steps=max_steps, progress=False,
+                        eval_draws=1),  # one draw
     )
 
 
@@ -115,7 +116,9 @@ def _run_one(cfg: RunConfig, data: Splits, seed: int) -> dict[str, Any]:
     torch.manual_seed(10_000 + seed)  # same evaluation noise for every variant
     metrics = evaluate(model, data.test, cfg.runtime.eval_batch_size, draws=1)  # one draw: the tables on record
     metrics.pop("confusion")
-    row = {"status": status, "seconds": seconds, "epochs_run": len(history.epochs), **metrics}
+    per_epoch = len(data.train) // cfg.train.batch_size  # fit drops the last partial batch
+    steps = sum(e.get("batches", per_epoch) for e in history.epochs)  # one run, no resume: each epoch once
+    row = {"status": status, "seconds": seconds, "epochs_run": len(history.epochs), "steps": steps, **metrics}
     row.update(overlap_summary(model, data.test, cfg.runtime.eval_batch_size))
     return json_safe(row)
 
@@ -127,6 +130,7 @@ def ablate(
     epochs: int = 30,
     max_minutes: float | None = None,
     only: tuple[str, ...] | None = None,
+    max_steps: int | None = None,
 ) -> list[dict[str, Any]]:
     """Run the student configuration, the one-factor variants and the combined fix for each seed.
 
@@ -134,7 +138,8 @@ def ablate(
         base: the dataset profile (the combined fix); the student's choices are applied on top of it.
         out_dir: where ablation.json and ablation.md go (rows are saved after every run).
         seeds: training seeds, each run for every variant.
-        epochs: epochs per run, no early stopping; max_minutes: wall-clock budget per run.
+        epochs: epochs per run, no early stopping; max_minutes: wall-clock budget per run; max_steps: optimiser
+            steps per run (a budget independent of the machine's load, for image-sized runs).
         only: names of the variants to run (default: all).
 
     Returns:
@@ -160,7 +165,7 @@ def ablate(
             continue
         cfg = base if variant.combined else apply_overrides(student, variant.overrides)
         for seed in seeds:
-            run_cfg = _budget(cfg, epochs, max_minutes, seed)
+            run_cfg = _budget(cfg, epochs, max_minutes, seed, max_steps)
             key = (variant.name, seed)
             if key in done and _same_config(rows[done[key]], run_cfg):
                 continue
@@ -171,7 +176,7 @@ def ablate(
                 rows[done[key]] = row  # a stale row (the profile changed since): replaced in place
             else:
                 rows.append(row)
-            _write(out, rows, base, seeds, epochs, max_minutes)
+            _write(out, rows, base, seeds, epochs, max_minutes, max_steps)
     return rows
 
 
@@ -198,7 +203,7 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
 _COLUMNS = [("accuracy", "test acc", ".3f"), ("bpd_conditional", "bpd", ".4g"), ("ece", "ECE", ".3f"),
             ("mean_dist_min_sigma", "min dist (sigma)", ".2f"), ("mean_dist_median_sigma", "median dist (sigma)", ".2f"),
             ("bhattacharyya_mean", "mean BC", ".3f"), ("nearer_other_fraction", "nearer other", ".3f"),
-            ("seconds", "train s", ".0f")]
+            ("steps", "steps", ".0f"), ("seconds", "train s", ".0f")]
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
@@ -221,8 +226,8 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _write(out: Path, rows: list[dict[str, Any]], base: RunConfig, seeds, epochs, max_minutes) -> None:
+def _write(out: Path, rows: list[dict[str, Any]], base: RunConfig, seeds, epochs, max_minutes, max_steps=None) -> None:
     meta = {"base": base.to_dict(), "student_overrides": STUDENT_OVERRIDES, "seeds": list(seeds), "epochs": epochs,
-            "max_minutes": max_minutes}
+            "max_minutes": max_minutes, "max_steps": max_steps}
     write_json(out / "ablation.json", {"meta": meta, "rows": rows}, indent=1)
     write_text(out / "ablation.md", markdown_table(rows) + "\n")

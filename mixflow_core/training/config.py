@@ -58,6 +58,7 @@ class RuntimeConfig:
 
     epochs: int = 100  # (with a cosine schedule also the schedule's length, then fixed on resume)
     max_minutes: float | None = None  # wall-clock budget, checked after every batch (then validates and saves)
+    max_steps: int | None = None  # optimiser-step budget of the whole run, resumes included, checked likewise
     checkpoint_minutes: float = 2.0  # with a run directory: a mid-epoch checkpoint at least this often
     patience: int = 20  # epochs without improvement of train.early_stopping before stopping
     max_nonfinite: int = 20  # consecutive non-finite batches before giving up
@@ -77,6 +78,8 @@ class RuntimeConfig:
             raise ValueError(f"eval_draws must be >= 1, got {self.eval_draws}")
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise ValueError(f"max_minutes must be positive or None, got {self.max_minutes}")
+        if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
+            raise ValueError(f"max_steps must be a positive int or None, got {self.max_steps!r}")
         if not self.checkpoint_minutes > 0:
             raise ValueError(f"checkpoint_minutes must be positive, got {self.checkpoint_minutes}")
 

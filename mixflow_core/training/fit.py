@@ -177,14 +177,24 @@ class _State:
 
 @dataclass
 class _Clock:
-    """The wall-clock budget and the checkpoint interval, checked after every batch."""
+    """The budgets (wall clock, optimiser steps) and the checkpoint interval, checked after every batch."""
 
     start: float
     runtime: RuntimeConfig
     saving: bool  # a run directory to checkpoint into
+    steps_before: int = 0  # optimiser steps of the run before the current epoch (set at each epoch's start)
 
-    def out_of_time(self, now: float) -> bool:
-        return self.runtime.max_minutes is not None and (now - self.start) / 60 > self.runtime.max_minutes
+    def out_of_time(self, now: float, step: int = 0) -> bool:
+        """Past runtime.max_minutes, or runtime.max_steps reached with `step` batches of the current epoch done."""
+        return self.budget_reason(now, step) is not None
+
+    def budget_reason(self, now: float, step: int = 0) -> str | None:
+        rt = self.runtime
+        if rt.max_steps is not None and self.steps_before + step >= rt.max_steps:
+            return "step budget"
+        if rt.max_minutes is not None and (now - self.start) / 60 > rt.max_minutes:
+            return "time budget"
+        return None
 
     def checkpoint_due(self, now: float, last_save: float) -> bool:
         return self.saving and (now - last_save) / 60 > self.runtime.checkpoint_minutes
@@ -222,6 +232,16 @@ def _resume(model: MixtureFlow, opt, sched, cfg: TrainConfig, runtime: RuntimeCo
     return state
 
 
+def _steps_done(history: History, batches_per_epoch: int) -> int:
+    """Optimiser steps of the epochs in `history`: whole epochs, or a budget-cut epoch's batches (its later, resumed
+    record counts once, as the whole epoch)."""
+    per_epoch: dict[int, int] = {}
+    for e in history.epochs:
+        n = e["batches"] if e.get("partial") else batches_per_epoch
+        per_epoch[e["epoch"]] = max(per_epoch.get(e["epoch"], 0), n)
+    return sum(per_epoch.values())
+
+
 # -- one epoch --------------------------------------------------------------------------------------------
 def _train_epoch(net: nn.Module, model: MixtureFlow, loader: DataLoader, opt, cfg: TrainConfig,
                  runtime: RuntimeConfig, state: _State, ctx: DistContext, device: torch.device, epoch: int,
@@ -254,10 +274,11 @@ def _train_epoch(net: nn.Module, model: MixtureFlow, loader: DataLoader, opt, cf
         if step == len(loader):
             break  # the epoch's end validates, checks the budget and saves
         now = time.perf_counter()
-        flags = torch.tensor([clock.out_of_time(now), clock.checkpoint_due(now, state.last_save)], dtype=torch.float64)
+        flags = torch.tensor([clock.out_of_time(now, step), clock.checkpoint_due(now, state.last_save)],
+                             dtype=torch.float64)
         late, due = (bool(f) for f in ctx.all_sum(flags.to(device)) > 0)  # every rank decides alike
-        if late:
-            state.history.stopped = "time budget"  # what the checkpoint records: a resume continues with a new budget
+        if late:  # what the checkpoint records: a resume continues with a new time budget (the step budget is global)
+            state.history.stopped = clock.budget_reason(now, step) or "time budget"
         if late or due:
             sums["seconds"] = time.perf_counter() - t0
             checkpoint(step, sums)
@@ -357,7 +378,7 @@ def _write_checkpoint(model: MixtureFlow, opt, sched, cfg: TrainConfig, runtime:
 
 
 def _end_epoch(model: MixtureFlow, opt, sched, data: Splits, probe_x: Tensor, cfg: TrainConfig, runtime: RuntimeConfig,
-               state: _State, record: dict, run_dir: Path | None, snapshot_epochs: tuple[int, ...], late: bool,
+               state: _State, record: dict, run_dir: Path | None, snapshot_epochs: tuple[int, ...], late: str | bool,
                ctx: DistContext, device: torch.device) -> tuple[bool, bool]:
     """Validate, track the best weights, decide whether to stop, save; returns (stop early, out of time).
 
@@ -374,8 +395,8 @@ def _end_epoch(model: MixtureFlow, opt, sched, data: Splits, probe_x: Tensor, cf
         record["inverse_error"] = inverse_error(model, probe_x.to(device))
         state.history.epochs.append(record)
         if record.get("partial"):
-            logger.info("epoch %d stopped by the time budget after %d batches: val_bpd=%.4g, val_acc=%.4g",
-                        epoch + 1, record["batches"], record["val_bpd"], record["val_acc"])
+            logger.info("epoch %d stopped by the %s after %d batches: val_bpd=%.4g, val_acc=%.4g",
+                        epoch + 1, state.history.stopped, record["batches"], record["val_bpd"], record["val_acc"])
             return False, True
         improved, state.best = _improved(cfg, record, state.best)
         state.bad_epochs = 0 if improved else state.bad_epochs + 1
@@ -383,13 +404,13 @@ def _end_epoch(model: MixtureFlow, opt, sched, data: Splits, probe_x: Tensor, cf
             state.history.best_epoch = epoch + 1
             state.best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
         logger.info("epoch %d: %s", epoch + 1, ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "epoch"))
-        late_flag = torch.tensor(float(late), dtype=torch.float64, device=device)
+        late_flag = torch.tensor(float(bool(late)), dtype=torch.float64, device=device)
         out_of_time = bool(ctx.all_sum(late_flag) > 0)  # ranks stop together
         stop_early = cfg.early_stopping != "none" and state.bad_epochs >= runtime.patience
         if stop_early:
             state.history.stopped = "early stopping"
         elif out_of_time:
-            state.history.stopped = "time budget"
+            state.history.stopped = late if isinstance(late, str) else "time budget"
         if run_dir is not None:
             if improved and ctx.main:
                 save_torch({"model": state.best_weights}, run_dir / "best.pt")
@@ -482,11 +503,13 @@ def fit(
     with training_precision(model.flow, runtime.precision):
         for epoch in range(state.start_epoch, runtime.epochs):
             sampler.set_epoch(epoch)
+            clock.steps_before = _steps_done(state.history, len(loader))
             record, cut_short = _train_epoch(net, model, loader, opt, cfg, runtime, state, ctx, device, epoch, clock,
                                              lambda step, sums, epoch=epoch: checkpoint_mid_epoch(epoch, step, sums))
             if not cut_short:
                 sched.step()
-            late = cut_short or clock.out_of_time(time.perf_counter())
+            late = (state.history.stopped if cut_short
+                    else clock.budget_reason(time.perf_counter(), record.get("batches", len(loader))) or False)
             stop_early, out_of_time = _end_epoch(model, opt, sched, data, probe_x, cfg, runtime, state, record,
                                                  run_dir, snapshot_epochs, late, ctx, device)
             ctx.barrier()

@@ -113,8 +113,9 @@ def test_train_and_runtime_partition_the_old_train_config():
     old = json.loads((FIXTURES / "digits-smoke-train_config.json").read_text())
     train, runtime = {f.name for f in dataclasses.fields(TrainConfig)}, {f.name for f in dataclasses.fields(RuntimeConfig)}
     assert not train & runtime
-    # beta, push_lambda now live in the objective; checkpoint_minutes is new (mid-epoch checkpoints)
-    assert set(old) - {"beta", "push_lambda"} == (train | runtime) - {"checkpoint_minutes"}
+    # beta, push_lambda now live in the objective; new since: checkpoint_minutes (mid-epoch checkpoints), max_steps
+    # (a step budget) and precision (the training steps' arithmetic)
+    assert set(old) - {"beta", "push_lambda"} == (train | runtime) - {"checkpoint_minutes", "max_steps", "precision"}
 
 
 # -- configs written by mixflow 0.1 ----------------------------------------------------------------------------

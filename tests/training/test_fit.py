@@ -579,6 +579,28 @@ def test_the_budget_stops_within_the_epoch(tmp_path):
     assert ckpt["history"]["stopped"] == "time budget"
 
 
+@pytest.mark.parametrize("max_steps, epochs, last_batches", [(6, 2, 2), (4, 1, None)], ids=["mid-epoch", "epoch-end"])
+def test_the_step_budget_counts_optimiser_steps_over_epochs(tmp_path, max_steps, epochs, last_batches):
+    """runtime.max_steps (4 batches per epoch): 6 steps = one whole epoch + 2 batches of the next (a partial record);
+    4 steps = exactly one epoch. The weights equal an uninterrupted run's after the same steps, and a resume with a
+    larger budget continues to that budget."""
+    rc = smoke("digits", epochs=3, max_steps=max_steps)
+    model, data = build(rc)
+    history = fit(model, data, rc.train, rc.runtime, run_dir=tmp_path / "a")
+    assert history.stopped == "step budget" and len(history.epochs) == epochs
+    assert history.epochs[-1].get("batches") == last_batches
+    resumed = fit(build(rc)[0], data, rc.train, replace(rc.runtime, max_steps=8), run_dir=tmp_path / "a", resume=True)
+    assert resumed.stopped == "step budget"
+    whole, _ = build(replace(rc, runtime=replace(rc.runtime, max_steps=8)))
+    fit(whole, data, rc.train, replace(rc.runtime, max_steps=8), run_dir=tmp_path / "b")
+    again = build(rc)[0]
+    again.load_state_dict(load_checkpoint(tmp_path / "a" / "checkpoint.pt")["model"])
+    expected = load_checkpoint(tmp_path / "b" / "checkpoint.pt")["model"]
+    assert all(torch.equal(again.state_dict()[k], expected[k]) for k in expected)
+    with pytest.raises(ValueError, match="max_steps"):
+        replace(rc.runtime, max_steps=0)
+
+
 def test_resume_from_mid_epoch_checkpoints_equals_an_uninterrupted_run(tmp_path):
     """Stopped by the budget after every single batch and resumed each time (8 runs for 2 epochs of 4 batches):
     the weights, optimiser state and history equal one uninterrupted run, bit for bit."""
