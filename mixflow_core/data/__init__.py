@@ -4,6 +4,16 @@ A layer of its own beside flows/: it imports nothing else of mixflow_core, and e
 baselines), training/ and study/ read it.
 """
 
-from .datasets import DEBIAN_FASHION_MNIST, DataConfig, DatasetNotFoundError, Splits, load_data, read_idx
+from .datasets import (
+    CLASS_NAMES,
+    DEBIAN_FASHION_MNIST,
+    DataConfig,
+    DatasetNotFoundError,
+    Splits,
+    load_data,
+    read_idx,
+    resolve_classes,
+)
 
-__all__ = ["DEBIAN_FASHION_MNIST", "DataConfig", "DatasetNotFoundError", "Splits", "load_data", "read_idx"]
+__all__ = ["CLASS_NAMES", "DEBIAN_FASHION_MNIST", "DataConfig", "DatasetNotFoundError", "Splits", "load_data",
+           "read_idx", "resolve_classes"]

@@ -10,12 +10,16 @@ and CIFAR-10), which is what MixtureFlow expects; toy2d is continuous (levels No
 - ``cifar10``: the python pickles of torchvision's CIFAR10 layout (root/cifar-10-batches-py),
   downloaded by torchvision only when asked. Images (3, 32, 32).
 - ``toy2d``: two interleaved moons (sklearn), continuous 2-D points.
+
+``DataConfig.classes`` keeps a subset of the classes (by name or label), relabelled 0..K'-1 in
+the order given, in every split; the kept classes' splits are those of the full data set.
 """
 
 from __future__ import annotations
 
 import gzip
 import pickle
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -25,11 +29,62 @@ import torch
 from torch import Tensor
 from torch.utils.data import TensorDataset
 
-__all__ = ["DataConfig", "Splits", "load_data", "DEBIAN_FASHION_MNIST", "DatasetNotFoundError"]
+__all__ = ["DataConfig", "Splits", "load_data", "DEBIAN_FASHION_MNIST", "DatasetNotFoundError", "CLASS_NAMES",
+           "resolve_classes"]
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+CLASS_NAMES: dict[str, tuple[str, ...]] = {  # every data set's class names: label k is name k
+    "digits": tuple(str(i) for i in range(10)),
+    "fashion-mnist": FASHION_CLASSES,
+    "cifar10": CIFAR_CLASSES,
+    "toy2d": ("upper moon", "lower moon"),
+}
+
+
+def resolve_classes(classes: Sequence[str | int], names: Sequence[str]) -> tuple[int, ...]:
+    """The original labels of `classes`, in the order given.
+
+    Args:
+        classes: class names (as in `names`; matched case-insensitively when no name matches exactly)
+            or integer labels 0..K-1, mixed freely.
+        names: the data set's class names, label k = names[k].
+
+    Returns:
+        One label per entry of `classes`.
+
+    Raises:
+        ValueError: an entry is neither a known name nor a label (the message lists the valid names),
+            two entries are the same class, fewer than 2 classes are chosen, or `classes` is not a list.
+    """
+    if isinstance(classes, (str, bytes)) or not isinstance(classes, Sequence):
+        raise ValueError(f"classes must be a list of class names or labels, got {classes!r}")
+    names = tuple(names)
+    folded: dict[str, int] = {}
+    for k, name in enumerate(names):
+        folded.setdefault(name.casefold(), k)
+    valid = f"one of {', '.join(map(repr, names))} or a label 0..{len(names) - 1}"
+    labels = []
+    for c in classes:
+        if isinstance(c, bool) or not isinstance(c, (str, int)):
+            raise ValueError(f"classes: {c!r} is neither a class name nor an integer label; use {valid}")
+        if isinstance(c, int):
+            if not 0 <= c < len(names):
+                raise ValueError(f"classes: unknown label {c}; use {valid}")
+            labels.append(c)
+        elif c in names:
+            labels.append(names.index(c))
+        elif c.casefold() in folded:
+            labels.append(folded[c.casefold()])
+        else:
+            raise ValueError(f"classes: unknown class {c!r}; use {valid}")
+    repeated = sorted({names[k] for k in labels if labels.count(k) > 1})
+    if repeated:
+        raise ValueError(f"classes: {', '.join(map(repr, repeated))} chosen more than once in {list(classes)!r}")
+    if len(labels) < 2:
+        raise ValueError(f"classes: a classifier needs at least 2 classes, got {list(classes)!r}")
+    return tuple(labels)
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -50,12 +105,16 @@ class DataConfig:
     test_limit: int | None = None  # evaluate on at most this many test examples (stratified), for cheap CPU studies
     toy_n: int = 2000  # toy2d: number of points
     toy_noise: float = 0.1  # toy2d: moons noise
+    classes: tuple[str | int, ...] | None = None  # keep only these classes (names or labels), relabelled 0..K'-1
 
     def __post_init__(self) -> None:
         if self.name not in ("digits", "fashion-mnist", "cifar10", "toy2d"):
             raise ValueError(f"Unknown dataset {self.name!r}; use digits, fashion-mnist, cifar10 or toy2d")
         if not 0 < self.val_fraction < 1 or not 0 < self.test_fraction < 1:
             raise ValueError(f"val_fraction and test_fraction must lie in (0, 1): {self}")
+        if self.classes is not None:
+            resolve_classes(self.classes, CLASS_NAMES[self.name])  # fail here, not when the data are loaded
+            object.__setattr__(self, "classes", tuple(self.classes))  # a list (as JSON has it) becomes a tuple
 
 
 @dataclass
@@ -88,22 +147,43 @@ def _to_splits(
     x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray,
     cfg: DataConfig, levels: int | None, class_names: tuple[str, ...],
 ) -> Splits:
-    if cfg.train_limit is not None and cfg.train_limit < len(y_train):
-        # an int count, not 1 - limit / n: sklearn rounds a float test size up, keeping limit - 1
-        keep, _ = _stratified_split(y_train, len(y_train) - cfg.train_limit, cfg.seed)
-        x_train, y_train = x_train[keep], y_train[keep]
-    if cfg.test_limit is not None and cfg.test_limit < len(y_test):
-        _, keep = _stratified_split(y_test, cfg.test_limit, cfg.seed)
-        x_test, y_test = x_test[keep], y_test[keep]
-    fit_idx, val_idx = _stratified_split(y_train, cfg.val_fraction, cfg.seed)
+    """Train / val / test from a training pool and a test set: class subset, then limits, then the val split.
 
-    def ds(x: np.ndarray, y: np.ndarray) -> TensorDataset:
-        return TensorDataset(torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y.astype(np.int64)))
+    With cfg.classes the kept classes' examples are exactly the ones they have without it (the val
+    split is drawn from the whole pool, then restricted), unless train_limit / test_limit cut the
+    subset: the limits count examples of the kept classes. Stratification uses the original labels,
+    so the order of cfg.classes changes the labels only.
+    """
+    relabel = np.arange(len(class_names))  # original label -> new label; -1: a class left out
+    if cfg.classes is not None:
+        kept = resolve_classes(cfg.classes, class_names)
+        relabel = np.full(len(class_names), -1)
+        relabel[list(kept)] = np.arange(len(kept))
+        class_names = tuple(class_names[k] for k in kept)
+    pool = np.flatnonzero(relabel[y_train] >= 0)  # the kept classes' training examples
+    test = np.flatnonzero(relabel[y_test] >= 0)
+    if cfg.train_limit is not None and cfg.train_limit < len(pool):
+        # an int count, not 1 - limit / n: sklearn rounds a float test size up, keeping limit - 1
+        keep, _ = _stratified_split(y_train[pool], len(pool) - cfg.train_limit, cfg.seed)
+        pool = pool[keep]
+        fit, val = _stratified_split(y_train[pool], cfg.val_fraction, cfg.seed)
+        fit_idx, val_idx = pool[fit], pool[val]
+    else:  # the whole pool's split, restricted to the kept classes (all of them without cfg.classes)
+        fit_idx, val_idx = _stratified_split(y_train, cfg.val_fraction, cfg.seed)
+        fit_idx, val_idx = fit_idx[relabel[y_train[fit_idx]] >= 0], val_idx[relabel[y_train[val_idx]] >= 0]
+    if cfg.test_limit is not None and cfg.test_limit < len(test):
+        _, keep = _stratified_split(y_test[test], cfg.test_limit, cfg.seed)
+        test = test[keep]
+
+    def ds(x: np.ndarray, y: np.ndarray, idx: np.ndarray) -> TensorDataset:
+        x = x if len(idx) == len(x) else x[idx]  # idx sorted: all of them means x as it is, not a copy
+        labels = relabel[y[idx]].astype(np.int64)
+        return TensorDataset(torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(labels))
 
     return Splits(
-        train=ds(x_train[fit_idx], y_train[fit_idx]),
-        val=ds(x_train[val_idx], y_train[val_idx]),
-        test=ds(x_test, y_test),
+        train=ds(x_train, y_train, fit_idx),
+        val=ds(x_train, y_train, val_idx),
+        test=ds(x_test, y_test, test),
         data_shape=tuple(x_train.shape[1:]),
         num_classes=len(class_names),
         levels=levels,
@@ -122,7 +202,7 @@ def _digits(cfg: DataConfig) -> Splits:
 
     d = load_digits()
     x = d.data.astype(np.uint8)  # (1797, 64), levels 0..16
-    return _split_off_test(x, d.target, cfg, 17, tuple(str(i) for i in range(10)))
+    return _split_off_test(x, d.target, cfg, 17, CLASS_NAMES["digits"])
 
 
 def _toy2d(cfg: DataConfig) -> Splits:
@@ -130,7 +210,7 @@ def _toy2d(cfg: DataConfig) -> Splits:
 
     x, y = make_moons(cfg.toy_n, noise=cfg.toy_noise, random_state=cfg.seed)
     x = ((x - x.mean(0)) / x.std(0)).astype(np.float32)
-    return _split_off_test(x, y, cfg, None, ("upper moon", "lower moon"))
+    return _split_off_test(x, y, cfg, None, CLASS_NAMES["toy2d"])
 
 
 # -- Fashion-MNIST ------------------------------------------------------------------------
@@ -244,7 +324,8 @@ def load_data(cfg: DataConfig = DataConfig()) -> Splits:
     """Train / validation / test splits for `cfg` (never touches the network unless cfg.download).
 
     Args:
-        cfg: which dataset (digits, fashion-mnist, cifar10, toy2d), where its files are, the split seed and sizes.
+        cfg: which dataset (digits, fashion-mnist, cifar10, toy2d), where its files are, the split seed and sizes,
+            and optionally which classes to keep (cfg.classes, relabelled 0..K'-1 in that order).
 
     Returns:
         Splits: train / val / test TensorDatasets of integer levels (uint8; float32 points for

@@ -19,8 +19,9 @@ from torch import Tensor
 
 __all__ = [
     "set_style", "class_colors", "save_figure", "sample_images", "fig_sample_grid", "fig_samples_2d",
-    "fig_learning_curves", "mean_projection", "fig_gaussian_ellipses", "fig_embedding", "fig_pairwise",
+    "fig_learning_curves", "mean_projection", "draw_gaussians", "fig_gaussian_ellipses", "fig_embedding", "fig_pairwise",
     "fig_distance_trajectory", "fig_confusion", "fig_image_strip", "most_overlapping_pairs", "fig_ablation",
+    "fig_ood_histograms", "fig_reliability",
 ]
 
 
@@ -243,33 +244,47 @@ def _class_legend(fig: Figure, class_names: Sequence[str], colors: list, marker:
     fig.legend(handles=handles, loc="outside right upper", fontsize="small", ncols=max(1, math.ceil(len(handles) / 20)))
 
 
-def fig_gaussian_ellipses(panels: list[dict], class_names: list[str], projection: np.ndarray) -> Figure:
+def draw_gaussians(ax: Any, panel: dict, projection: np.ndarray, colors: list) -> None:
+    """One panel of fig_gaussian_ellipses drawn on `ax` (see there for the panel dict)."""
+    p = _np(projection)
+    means, scales = _np(panel["means"]), _np(panel["scales"])
+    if panel.get("z") is not None:
+        zp = _np(panel["z"]) @ p.T  # (N, 2)
+        y = _np(panel["y"]) if panel.get("y") is not None else None
+        groups = [(zp, "gray")] if y is None else [(zp[y == k], colors[k]) for k in range(len(colors))]
+        for pts, color in groups:
+            ax.scatter(pts[:, 0], pts[:, 1], s=4, color=color, alpha=0.25, linewidths=0, rasterized=True)
+    for k, (mean, scale) in enumerate(zip(means, scales)):
+        centre, major, minor, angle = _projected_ellipse(mean, scale, p)
+        for r, alpha in ((1, 0.9), (2, 0.45)):
+            ax.add_patch(Ellipse(tuple(centre), 2 * r * major, 2 * r * minor, angle=angle, fill=False,
+                                 edgecolor=colors[k], linewidth=1.5, alpha=alpha, gid=f"{k}:{r}"))
+        ax.plot(*centre, marker="x", color=colors[k], markersize=8, markeredgewidth=2, linestyle="none")
+    if panel.get("highlight") is not None:
+        point = p @ _np(panel["highlight"])
+        ax.plot(*point, marker="*", color="black", markersize=16, markerfacecolor="yellow", linestyle="none",
+                zorder=5, gid="highlight")
+    ax.set(title=panel.get("title", ""), xlabel="projection 1", ylabel="projection 2")
+    ax.set_aspect("equal", adjustable="datalim")
+
+
+def fig_gaussian_ellipses(panels: list[dict], class_names: list[str],
+                          projection: np.ndarray | Sequence[np.ndarray]) -> Figure:
     """Each class Gaussian N(mu_k, Sigma_k) projected by P: 1- and 2-sigma ellipses, mean as x, latents as dots.
 
     The projection is exact: centre P mu_k, covariance P Sigma_k P^T (2x2), ellipse axes
     2 r sqrt(eigenvalue) for r = 1, 2. One subplot per panel dict {"title", "means" (K, D),
     "scales" (K, D) std devs (Sigma_k = diag(s_k^2)) or (K, D, D) factors L_k (Sigma_k = L_k L_k^T),
-    optional "z" (N, D) and "y" (N,)}; use one P for all panels to compare them.
+    optional "z" (N, D) and "y" (N,), optional "highlight" (D,): one latent drawn as a large star};
+    use one P for all panels to compare them, or a list of one P per panel.
     """
-    p = _np(projection)
+    projections = [_np(projection)] * len(panels) if _np(projection).ndim == 2 else [_np(q) for q in projection]
+    if len(projections) != len(panels):
+        raise ValueError(f"{len(projections)} projections for {len(panels)} panels")
     colors = class_colors(len(class_names))
     fig = Figure(figsize=(4.2 * len(panels) + 1.5, 4.4), dpi=100, layout="constrained")
-    for ax, panel in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
-        means, scales = _np(panel["means"]), _np(panel["scales"])
-        if panel.get("z") is not None:
-            zp = _np(panel["z"]) @ p.T  # (N, 2)
-            y = _np(panel["y"]) if panel.get("y") is not None else None
-            groups = [(zp, "gray")] if y is None else [(zp[y == k], colors[k]) for k in range(len(class_names))]
-            for pts, color in groups:
-                ax.scatter(pts[:, 0], pts[:, 1], s=4, color=color, alpha=0.25, linewidths=0, rasterized=True)
-        for k, (mean, scale) in enumerate(zip(means, scales)):
-            centre, major, minor, angle = _projected_ellipse(mean, scale, p)
-            for r, alpha in ((1, 0.9), (2, 0.45)):
-                ax.add_patch(Ellipse(tuple(centre), 2 * r * major, 2 * r * minor, angle=angle, fill=False,
-                                     edgecolor=colors[k], linewidth=1.5, alpha=alpha, gid=f"{k}:{r}"))
-            ax.plot(*centre, marker="x", color=colors[k], markersize=8, markeredgewidth=2, linestyle="none")
-        ax.set(title=panel.get("title", ""), xlabel="projection 1", ylabel="projection 2")
-        ax.set_aspect("equal", adjustable="datalim")
+    for ax, panel, p in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels, projections):
+        draw_gaussians(ax, panel, p, colors)
     _class_legend(fig, class_names, colors, "x")
     return fig
 
@@ -399,4 +414,90 @@ def fig_ablation(rows: list[dict[str, Any]], chance: float | None = None) -> Fig
         axes[0].legend(loc="lower right")
     axes[0].set_yticks(ypos, order)
     axes[1].set_xscale("log")
+    return fig
+
+
+# -- out-of-distribution detection -----------------------------------------------------------
+
+def fig_ood_histograms(bpd_in: Any, bpd_by_set: dict[str, Any], title: str = "bits/dim: in-distribution vs OOD",
+                       bins: int = 40) -> Figure:
+    """Histograms of (marginal) bits/dim, in-distribution (grey) against each OOD set, one panel per set.
+
+    All panels share one set of bins over the finite values of every set, so panels compare; densities
+    (area 1), overlaid with transparency. Non-finite values (a density that underflows) are left out and
+    counted in the legend. Bits/dim from eval.ood.flow_scores: -scores[name]["neg_bpd"].
+
+    Args:
+        bpd_in: (N,) bits/dim of in-distribution (test) inputs.
+        bpd_by_set: {OOD set name: (M,) bits/dim}.
+        title: the figure's title.
+        bins: the number of shared bins.
+
+    Returns:
+        The Figure, one axes per OOD set (at most 3 per row).
+    """
+    if not bpd_by_set:
+        raise ValueError("bpd_by_set must name at least one OOD set")
+    sets = {"in-distribution": _np(bpd_in).ravel(), **{k: _np(v).ravel() for k, v in bpd_by_set.items()}}
+    finite = np.concatenate([v[np.isfinite(v)] for v in sets.values()])
+    if finite.size == 0:
+        raise ValueError("no finite bits/dim to draw")
+    lo, hi = float(finite.min()), float(finite.max())
+    edges = np.linspace(lo, hi if hi > lo else lo + 1.0, bins + 1)
+    n = len(bpd_by_set)
+    ncols = min(n, 3)
+    nrows = math.ceil(n / ncols)
+    fig = Figure(figsize=(4.2 * ncols, 3.2 * nrows + 0.4), dpi=100, layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+
+    def label(name: str, v: np.ndarray) -> str:
+        bad = int((~np.isfinite(v)).sum())
+        return f"{name} (n = {len(v)}" + (f", {bad} non-finite left out)" if bad else ")")
+
+    for i, (ax, (name, v)) in enumerate(zip(axes, list(sets.items())[1:])):
+        v_in = sets["in-distribution"]
+        ax.hist(v_in[np.isfinite(v_in)], bins=edges, density=True, color="gray", alpha=0.55,
+                label=label("in-distribution", v_in))
+        ax.hist(v[np.isfinite(v)], bins=edges, density=True, color=f"C{i % 10}", alpha=0.55, label=label(name, v))
+        ax.set(title=name, xlabel="bits/dim", ylabel="density")
+        ax.legend(fontsize="small")
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    fig.suptitle(title)
+    return fig
+
+
+def fig_reliability(bins_by_model: dict[str, dict[str, Any]], title: str = "") -> Figure:
+    """Reliability diagram: accuracy against mean confidence per confidence bin, one colour per model, counts below.
+
+    Args:
+        bins_by_model: {label: eval.metrics.reliability_bins(...)} (its dict, e.g. read back from JSON);
+            every model's bins are drawn over the same [0, 1] axis.
+        title: the figure's title.
+
+    Returns:
+        A Figure of two panels sharing the confidence axis: above, the diagonal (perfect calibration) and
+        each model's (mean confidence, accuracy) per non-empty bin, with its ECE in the legend; below, the
+        number of examples per bin (log scale), one bar per model side by side.
+
+    Raises:
+        ValueError: no models.
+    """
+    if not bins_by_model:
+        raise ValueError("fig_reliability needs at least one model's reliability bins")
+    colors = class_colors(len(bins_by_model))
+    fig = Figure(figsize=(5.2, 5.6), dpi=100, layout="constrained")
+    top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=(3, 1.3))
+    top.plot([0, 1], [0, 1], "--", color="gray", linewidth=1, label="perfect calibration")
+    n_models = len(bins_by_model)
+    for i, (color, (label, b)) in enumerate(zip(colors, bins_by_model.items())):
+        edges = _np(b["edges"])
+        pts = [(c, a) for c, a in zip(b["confidence"], b["accuracy"]) if c is not None and a is not None]
+        xs, ys = (_np([p[0] for p in pts]), _np([p[1] for p in pts])) if pts else (_np([]), _np([]))
+        top.plot(xs, ys, "-o", color=color, markersize=5, linewidth=1.5, label=f"{label} (ECE {b['ece']:.3f})")
+        width = np.diff(edges) / n_models
+        bottom.bar(edges[:-1] + i * width, _np(b["counts"]), width=width, align="edge", color=color, alpha=0.7)
+    top.set(title=title, ylabel="accuracy", xlim=(0, 1), ylim=(0, 1.02))
+    top.legend(loc="upper left", fontsize="small")
+    bottom.set(xlabel="confidence (max posterior probability)", ylabel="examples", yscale="log")
     return fig
