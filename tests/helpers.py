@@ -15,8 +15,9 @@ Modules: ``mlp_g`` and ``conv_g`` build small spectrally normalised g's (Lip(g) 
 
 from __future__ import annotations
 
+import contextlib
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -94,3 +95,15 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def float64_one_thread() -> Iterator[None]:
+    """What the autouse conftest fixture does per test, for module-scoped fixtures (built before it runs)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)

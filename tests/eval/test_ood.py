@@ -1,6 +1,5 @@
 """OOD detection: AUROC/AUPR against their definitions, score orientation, the OOD transforms' invariants, end to end."""
 
-import contextlib
 import math
 from dataclasses import replace
 
@@ -20,20 +19,10 @@ from mixflow_core.eval.ood import (
 from mixflow_core.study.plotting import fig_ood_histograms
 from mixflow_core.training.fit import fit
 from mixflow_core.training.profiles import get_profile
+from tests.helpers import float64_one_thread
 
 LN2 = math.log(2.0)
 
-
-@contextlib.contextmanager
-def _float64():
-    """What the autouse conftest fixture does per test, for module-scoped fixtures (built before it runs)."""
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(old)
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +34,7 @@ def digits() -> Splits:
 def smoke():
     """(model, data): the digits smoke profile (300 training images) fit for one epoch (about a second)."""
     cfg = get_profile("digits", "smoke")
-    with _float64():
+    with float64_one_thread():
         data = load_data(cfg.data)
         torch.manual_seed(0)
         model = build_model(data.data_shape, data.num_classes, data.levels, cfg.model, cfg.prior, data.class_counts())

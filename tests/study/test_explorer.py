@@ -7,7 +7,6 @@ observe callbacks must re-render its images when a control's value changes.
 from __future__ import annotations
 
 import io
-from contextlib import contextmanager
 
 import matplotlib.image
 import numpy as np
@@ -20,26 +19,17 @@ from mixflow_core.study.explorer import (
     PICKS, explorer_frames, fig_epoch, fig_image, pick_image, render_epoch, render_image,
 )
 from mixflow_core.training import runs
+from tests.helpers import float64_one_thread
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
-
-@contextmanager
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(old)
 
 
 @pytest.fixture(scope="module")
 def frames(tmp_path_factory):
     """Student and fixed digits smoke runs, 3 epochs, snapshots after epochs 1 and 2; 120 test points."""
     root = tmp_path_factory.mktemp("explorer")
-    with _float64():
+    with float64_one_thread():
         loaded = {}
         for config in ("student", "fixed"):
             cfg = study.run_config("digits", "smoke", config, progress=False, overrides={"runtime.epochs": 3})

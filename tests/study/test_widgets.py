@@ -11,7 +11,6 @@ import hashlib
 import io
 import json
 import os
-from contextlib import contextmanager
 from pathlib import Path
 
 import matplotlib.image
@@ -22,6 +21,7 @@ import torch
 from mixflow_core.cli import main
 from mixflow_core.training.runs import load_run_model
 from mixflow_core.study.widgets import SamplerWidget, fig_interpolation, interpolation, png_bytes, render_png
+from tests.helpers import float64_one_thread
 
 ROOT = Path(__file__).resolve().parents[2]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -37,23 +37,12 @@ def _require(module: str):
         raise
 
 
-@contextmanager
-def _float64():
-    """What the autouse conftest fixture does per test, for module-scoped fixtures (built before it runs)."""
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(old)
-
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     """A digits smoke run (about 2 s)."""
     run = tmp_path_factory.mktemp("widgets") / "run"
-    with _float64():
+    with float64_one_thread():
         assert main(["train", "--dataset", "digits", "--profile", "smoke", "--run-dir", str(run)]) == 0
     return run
 
@@ -61,7 +50,7 @@ def run_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def loaded(run_dir):
     """(model, (data_shape, levels, class_names)) with float64 weights, as `mixflow sample` loads them in tests."""
-    with _float64():
+    with float64_one_thread():
         model, _, info, _ = load_run_model(run_dir, "cpu")
     return model, (tuple(info["data_shape"]), info["levels"], info["class_names"])
 
