@@ -248,7 +248,7 @@ class Check:
         """Seconds a step may take (its hard limit; subprocesses get a little less)."""
         if name == "fashion":
             return (min(self.args.minutes, 1.0) * 60 + 60) if self.tiny else self.args.minutes * 60 + 75
-        return {"environment": 60, "pytest": 120, "cifar": 60 if self.tiny else 80, "precision": 60 if self.tiny else 100,
+        return {"environment": 60, "pytest": 120, "cifar": 60 if self.tiny else 80, "precision": 60 if self.tiny else 80,
                 "report": 300}[name]
 
     def save(self) -> None:
