@@ -86,18 +86,10 @@ class _SpectralNormMixin(nn.Module):
             sigma = new
         return self.n_power_iterations + self.max_power_iterations
 
-    @torch.no_grad()
-    def converge(self, rtol: float = 1e-7, max_iterations: int = 2000) -> int:
-        """Power-iterate until sigma changes by <= rtol (relative), so that W_hat = W / max(1, sigma / c) has operator
-        norm <= c for W as it is now (the per-step refresh lags one optimiser step behind); returns the count."""
-        sigma = float(self.sigma())
-        for it in range(1, max_iterations + 1):
-            self.power_iterate(1)
-            new = float(self.sigma())
-            if abs(new - sigma) <= rtol * abs(new):
-                return it
-            sigma = new
-        return max_iterations
+    def converge(self, rtol: float = 1e-7, max_iterations: int = 2000) -> None:
+        """This layer's (u, v) converged for W as it is now, so that W_hat = W / max(1, sigma / c) has operator norm
+        <= c (the per-step refresh lags one optimiser step behind): converge_spectral_norms on this layer alone."""
+        converge_spectral_norms(self, rtol, max_iterations)
 
     def sigma(self) -> Tensor:
         """sigma(W) ~= u^T W v, differentiable in W (u, v held constant)."""
@@ -143,14 +135,6 @@ class SpectralLinear(_SpectralNormMixin):
 
     def _apply_W(self, v: Tensor, weight: Tensor) -> Tensor:
         return weight @ v
-
-    @torch.no_grad()
-    def converge(self, rtol: float = 1e-7, max_iterations: int = 2000) -> int:
-        """Exact top singular vectors of W (one SVD of a small matrix): sigma = u^T W v is then sigma_max(W)."""
-        u, _, vh = torch.linalg.svd(self.weight.detach(), full_matrices=False)
-        self.u.copy_(u[:, 0])
-        self.v.copy_(vh[0])
-        return 1
 
     def _apply_WT(self, u: Tensor, weight: Tensor) -> Tensor:
         return weight.t() @ u

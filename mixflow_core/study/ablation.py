@@ -116,8 +116,7 @@ def _run_one(cfg: RunConfig, data: Splits, seed: int) -> dict[str, Any]:
     torch.manual_seed(10_000 + seed)  # same evaluation noise for every variant
     metrics = evaluate(model, data.test, cfg.runtime.eval_batch_size, draws=1)  # one draw: the tables on record
     metrics.pop("confusion")
-    per_epoch = len(data.train) // cfg.train.batch_size  # fit drops the last partial batch
-    steps = sum(e.get("batches", per_epoch) for e in history.epochs)  # one run, no resume: each epoch once
+    steps = history.steps(len(data.train) // cfg.train.batch_size)  # fit drops the last partial batch
     row = {"status": status, "seconds": seconds, "epochs_run": len(history.epochs), "steps": steps, **metrics}
     row.update(overlap_summary(model, data.test, cfg.runtime.eval_batch_size))
     return json_safe(row)

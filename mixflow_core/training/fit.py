@@ -77,6 +77,15 @@ class History:
     def column(self, key: str) -> list[float]:
         return [e[key] for e in self.epochs]
 
+    def steps(self, batches_per_epoch: int) -> int:
+        """Optimiser steps of the epochs recorded: whole epochs, or a budget-cut epoch's batches (its later, resumed
+        record counts once, as the whole epoch)."""
+        per_epoch: dict[int, int] = {}
+        for e in self.epochs:
+            n = e["batches"] if e.get("partial") else batches_per_epoch
+            per_epoch[e["epoch"]] = max(per_epoch.get(e["epoch"], 0), n)
+        return sum(per_epoch.values())
+
 
 class NonFiniteLossError(RuntimeError):
     """Training produced non-finite losses or gradients for too many consecutive batches."""
@@ -230,16 +239,6 @@ def _resume(model: MixtureFlow, opt, sched, cfg: TrainConfig, runtime: RuntimeCo
     if state.history.stopped == "early stopping":
         state.start_epoch = runtime.epochs  # that run had converged; a time-budget stop continues with a fresh budget
     return state
-
-
-def _steps_done(history: History, batches_per_epoch: int) -> int:
-    """Optimiser steps of the epochs in `history`: whole epochs, or a budget-cut epoch's batches (its later, resumed
-    record counts once, as the whole epoch)."""
-    per_epoch: dict[int, int] = {}
-    for e in history.epochs:
-        n = e["batches"] if e.get("partial") else batches_per_epoch
-        per_epoch[e["epoch"]] = max(per_epoch.get(e["epoch"], 0), n)
-    return sum(per_epoch.values())
 
 
 # -- one epoch --------------------------------------------------------------------------------------------
@@ -503,7 +502,7 @@ def fit(
     with training_precision(model.flow, runtime.precision):
         for epoch in range(state.start_epoch, runtime.epochs):
             sampler.set_epoch(epoch)
-            clock.steps_before = _steps_done(state.history, len(loader))
+            clock.steps_before = state.history.steps(len(loader))
             record, cut_short = _train_epoch(net, model, loader, opt, cfg, runtime, state, ctx, device, epoch, clock,
                                              lambda step, sums, epoch=epoch: checkpoint_mid_epoch(epoch, step, sums))
             if not cut_short:
