@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .data import load_data
+from .data import classes_tag, load_data
 from .study.ablation import ablate, markdown_table
 from .study.report import ReportError, plan, run_report
 from .study.widgets import fig_class_samples
@@ -134,6 +134,14 @@ def _add_ablate(sub, common) -> None:
     a.add_argument("--out", type=Path, help="output directory (default: runs/ablation-<dataset>-<profile>)")
 
 
+def _class_list(text: str) -> list[str | int]:
+    """'shirt,T-shirt/top' -> ['shirt', 'T-shirt/top']; integers become labels ('4,9' -> [4, 9])."""
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if len(items) < 2:
+        raise argparse.ArgumentTypeError(f"need at least 2 comma-separated classes, got {text!r}")
+    return [int(t) if t.isdigit() else t for t in items]
+
+
 def _add_report(sub, common) -> None:
     r = sub.add_parser("report", parents=[common], help="run the notebook sequence headlessly (papermill)",
                        description="Execute notebooks/01-04 with papermill: train the fixed and the student "
@@ -152,6 +160,9 @@ def _add_report(sub, common) -> None:
     r.add_argument("--retrain", action="store_true", help="train again even where a finished run exists")
     r.add_argument("--baselines", choices=("full", "fast", "none"), default=None,
                    help="baseline tuning (default: full on digits / toy2d, fast on the image sets)")
+    r.add_argument("--classes", type=_class_list, metavar="A,B,...",
+                   help="study only these classes, by name or label, comma-separated (e.g. 'shirt,T-shirt/top,pullover' "
+                   "or 4,9); relabelled 0..K'-1 in that order")
     r.add_argument("--no-tsne", action="store_true", help="skip t-SNE (PCA only)")
     r.add_argument("--quiet", action="store_true", help="do not stream the notebooks' output (epochs) to the terminal")
 
@@ -181,7 +192,8 @@ def _train(args: argparse.Namespace) -> int:
         if args.dataset is None:
             raise RunError("train needs --dataset (or --run-dir DIR --resume to continue a run)")
         fresh = merge_config(get_profile(args.dataset, profile), overrides)
-    run_dir = args.run_dir or Path("runs") / f"{fresh.data.name}-{profile}-seed{fresh.train.seed}"
+    run_dir = args.run_dir or Path("runs") / (f"{fresh.data.name}-{profile}{classes_tag(fresh.data.name, fresh.data.classes)}"
+                                              f"-seed{fresh.train.seed}")
     if args.resume:  # the saved config is the base; config.resume_conflicts says what may change
         saved, profile, saved_info = read_config(run_dir)
         if args.dataset not in (None, saved.data.name) or args.profile not in (None, profile):
@@ -264,7 +276,8 @@ def _ablate(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     device_or_error(args.device)
     steps = plan(args.dataset, args.profile, args.device, args.seed, args.reports_dir, args.figures_dir, args.runs_dir,
-                 args.data_root, args.retrain, args.ablation, tsne=not args.no_tsne, baselines=args.baselines)
+                 args.data_root, args.retrain, args.ablation, tsne=not args.no_tsne, baselines=args.baselines,
+                 classes=args.classes)
     summary = run_report(steps, stream=not args.quiet)
     print(f"report finished in {summary['seconds'] / 60:.1f} min")
     print(f"executed notebooks: {Path(steps[-1].output).parent}/ ({', '.join(Path(s.output).name for s in steps)})")

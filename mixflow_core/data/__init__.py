@@ -12,8 +12,9 @@ from .datasets import (
     Splits,
     load_data,
     read_idx,
+    classes_tag,
     resolve_classes,
 )
 
 __all__ = ["CLASS_NAMES", "DEBIAN_FASHION_MNIST", "DataConfig", "DatasetNotFoundError", "Splits", "load_data",
-           "read_idx", "resolve_classes"]
+           "classes_tag", "read_idx", "resolve_classes"]

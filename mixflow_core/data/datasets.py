@@ -30,7 +30,7 @@ from torch import Tensor
 from torch.utils.data import TensorDataset
 
 __all__ = ["DataConfig", "Splits", "load_data", "DEBIAN_FASHION_MNIST", "DatasetNotFoundError", "CLASS_NAMES",
-           "resolve_classes"]
+           "resolve_classes", "classes_tag"]
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
@@ -85,6 +85,17 @@ def resolve_classes(classes: Sequence[str | int], names: Sequence[str]) -> tuple
     if len(labels) < 2:
         raise ValueError(f"classes: a classifier needs at least 2 classes, got {list(classes)!r}")
     return tuple(labels)
+
+
+def classes_tag(name: str, classes: Sequence[str | int] | None) -> str:
+    """A directory-name suffix for a class subset: "" for all classes, else "-classes" + "-<label>" per class.
+
+    The original labels, in the order given (so the tag says which classes and which relabelling), e.g.
+    classes_tag("fashion-mnist", ["shirt", "T-shirt/top", "pullover"]) == "-classes-6-0-2".
+    """
+    if classes is None:
+        return ""
+    return "-classes" + "".join(f"-{k}" for k in resolve_classes(classes, CLASS_NAMES[name]))
 
 
 class DatasetNotFoundError(FileNotFoundError):

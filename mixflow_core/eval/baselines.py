@@ -26,7 +26,7 @@ from torch.utils.data import TensorDataset
 
 from ..flows.config import ModelConfig
 from ..data import Splits
-from .metrics import accuracy, bits_per_dim, expected_calibration_error
+from .metrics import accuracy, bits_per_dim, expected_calibration_error, reliability_bins
 from ..flows.preprocess import LogitPreprocess
 from ..flows.priors import ClassMoments, class_moments
 
@@ -81,6 +81,7 @@ def _table_metrics(table: Tensor, y: Tensor, log_py: Tensor, dim: int) -> dict:
         "bpd_conditional": bits_per_dim(table, y, log_py, dim),
         "bpd_marginal": bits_per_dim(table, None, log_py, dim),
         "ece": expected_calibration_error(table, y, log_py),
+        "reliability": reliability_bins(table, y, log_py),  # the reliability diagram's bins (its "ece" is the above)
     }
 
 
@@ -92,7 +93,8 @@ def gaussian_baseline(
 
     The metrics of `gaussian_test_table` (see there for the model, the noise and `draws`).
     Returns {"method", "accuracy", "bpd_conditional", "bpd_marginal", "ece", "ridge", "n", "draws",
-    "val_accuracy", "val_bpd_conditional" (at the chosen ridge; None when refit on val)}.
+    "val_accuracy", "val_bpd_conditional" (at the chosen ridge; None when refit on val), "reliability"
+    (metrics.reliability_bins of its test posteriors)}.
     """
     table, y_te, log_py, info = gaussian_test_table(data, alpha, copies, seed, ridges, refit_on_val, draws)
     return {"method": info["method"], **_table_metrics(table, y_te, log_py, info["dim"]),
@@ -267,7 +269,8 @@ def sklearn_baselines(
     predict_proba (through metrics.expected_calibration_error); for the SVC, of Platt-calibrated
     decision values (CalibratedClassifierCV, ensemble=False), whose argmax may differ from predict. Each row: {"method", "accuracy",
     "bpd_conditional": None, "bpd_marginal": None, "ece", "n", "param", "val_accuracy",
-    "val_grid_accuracy" (one per grid point; -inf where the fit is impossible)}. A method none of whose
+    "val_grid_accuracy" (one per grid point; -inf where the fit is impossible), "reliability"
+    (metrics.reliability_bins of the predict_proba posteriors)}. A method none of whose
     grid points can be fit (QDA with fewer examples per class than features) is left out, with a warning.
     """
     unknown = [m for m in methods if m not in SKLEARN_GRIDS]
@@ -303,6 +306,7 @@ def sklearn_baselines(
             "method": _SKLEARN_NAMES[method], "accuracy": float((pred == y_te).mean()),
             "bpd_conditional": None, "bpd_marginal": None,
             "ece": expected_calibration_error(torch.log(probs), torch.from_numpy(y_te), zeros),
+            "reliability": reliability_bins(torch.log(probs), torch.from_numpy(y_te), zeros),
             "n": len(y_te), "param": grid[i], "val_accuracy": float(scores[i]),
             "val_grid_accuracy": [float(s) for s in scores],
         })

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..flows.model import MixtureFlow
 
 __all__ = ["over_dataset", "log_likelihood_table", "accuracy", "bits_per_dim", "expected_calibration_error", "confusion_matrix", "evaluate",
-           "stochastic_dequantisation", "reliability_bins", "fit_temperature", "apply_temperature"]
+           "stochastic_dequantisation", "evaluate_with_table", "reliability_bins", "fit_temperature", "apply_temperature"]
 
 
 @torch.no_grad()
@@ -283,9 +283,16 @@ def evaluate(
         >>> m["n"], sorted(m)
         (360, ['accuracy', 'bpd_conditional', 'bpd_marginal', 'confusion', 'draws', 'ece', 'n'])
     """
+    return evaluate_with_table(model, data, batch_size, device, draws)[0]
+
+
+def evaluate_with_table(
+    model: MixtureFlow, data: Dataset, batch_size: int = 500, device: str | torch.device = "cpu", draws: int = 1,
+) -> tuple[dict, Tensor, Tensor]:
+    """(evaluate's metrics, the (N, K) table of log p(x|k) they come from, the labels (N,)), one pass."""
     table, y = log_likelihood_table(model, data, batch_size, device, draws)
     log_py = model.prior.log_class_probs.detach().cpu().to(table.dtype)
-    return {
+    metrics = {
         "n": len(y),
         "draws": draws if stochastic_dequantisation(model) else 1,
         "accuracy": accuracy(table, y, log_py),
@@ -294,3 +301,4 @@ def evaluate(
         "ece": expected_calibration_error(table, y, log_py),
         "confusion": confusion_matrix(table, y, log_py).tolist(),
     }
+    return metrics, table, y

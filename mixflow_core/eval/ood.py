@@ -64,7 +64,7 @@ __all__ = [
     "SKLEARN_MAX_TRAIN", "density_scores", "typicality_score", "auroc_aupr", "ood_rows", "markdown_ood_table",
     "uniform_noise", "gaussian_blur", "invert_contrast", "hflip", "resample_images", "other_dataset",
     "standard_ood_sets", "flow_log_likelihoods", "flow_scores", "gaussian_tables", "gaussian_scores",
-    "sklearn_max_posteriors", "ood_table",
+    "sklearn_max_posteriors", "ood_scores", "ood_table",
 ]
 
 log = logging.getLogger(__name__)
@@ -433,26 +433,23 @@ def other_dataset(
         raise ValueError(f"source must be a Splits or a tensor, got {type(source).__name__}")
     if target.levels is None:
         raise ValueError("the in-distribution data must be quantised (levels not None)")
-    if n is not None:
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"n must be an int >= 1 (or None), got {n!r}")
-        if n < len(x):
-            keep = np.sort(np.random.default_rng(seed).choice(len(x), n, replace=False))
-            x = x[torch.from_numpy(keep)]
+    x = _subset(x, n, seed, "n")
     return resample_images(x, from_shape, from_levels, target.data_shape, target.levels)
 
 
 def standard_ood_sets(
-    data: Splits, image_shape: Sequence[int] | None = None, seed: int = 0, sigma: float = 1.0,
+    data: Splits, image_shape: Sequence[int] | None = None, seed: int = 0, sigma: float = 1.0, n: int | None = None,
 ) -> dict[str, Tensor]:
     """The offline OOD sets of a Splits' test images: {"uniform noise", "blurred", "inverted", "flipped"}.
 
     Each is a pure transform of data.test's images (uniform_noise with `seed`, gaussian_blur with `sigma`,
     invert_contrast, hflip), same shape, dtype and levels. Add another data set with other_dataset.
+    n: transform at most this many test images (a seeded random subset in their original order; None: all),
+    so that scoring the sets costs n images each, not the whole test set each.
     """
     if data.levels is None:
         raise ValueError("OOD transforms need quantised data (levels not None)")
-    x = data.test.tensors[0]
+    x = _subset(data.test.tensors[0], n, seed, "n")
     return {"uniform noise": uniform_noise(x, data.levels, seed),
             "blurred": gaussian_blur(x, data.levels, sigma, image_shape),
             "inverted": invert_contrast(x, data.levels),
@@ -473,15 +470,19 @@ def _check_sets(ood_sets: Mapping[str, Tensor], data_shape: tuple[int, ...], lev
             _check_levels(x, levels, f"OOD set {name!r}")
 
 
-def _train_sample(data: Splits, n: int | None, seed: int) -> Tensor:
-    """At most n training images, a seeded random subset in the original order (None: all)."""
-    x = data.train.tensors[0]
+def _subset(x: Tensor, n: int | None, seed: int, what: str) -> Tensor:
+    """At most n rows of x, a seeded random subset in the original order (None: all)."""
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
-        raise ValueError(f"train_sample must be an int >= 1 (or None: all), got {n!r}")
+        raise ValueError(f"{what} must be an int >= 1 (or None: all), got {n!r}")
     if n is None or n >= len(x):
         return x
     keep = np.sort(np.random.default_rng(seed).choice(len(x), n, replace=False))
     return x[torch.from_numpy(keep)]
+
+
+def _train_sample(data: Splits, n: int | None, seed: int) -> Tensor:
+    """At most n training images, a seeded random subset in the original order (None: all)."""
+    return _subset(data.train.tensors[0], n, seed, "train_sample")
 
 
 def flow_log_likelihoods(
@@ -499,12 +500,14 @@ def flow_log_likelihoods(
 def flow_scores(
     model: MixtureFlow, data: Splits, ood_sets: Mapping[str, Tensor], batch_size: int = 500, seed: int = 0,
     train_sample: int | None = 2000, *, names: Sequence[str] = SCORES, device: str | torch.device = "cpu",
-    draws: int = 1,
+    draws: int = 1, in_table: Tensor | None = None,
 ) -> dict[str, dict[str, np.ndarray]]:
     """The flow's OOD scores of data.test (key IN_DISTRIBUTION) and of every OOD set.
 
     Dequantisation noise (and Hutchinson probes) come from torch's generator seeded with `seed` inside
-    torch.random.fork_rng (the caller's generator is untouched), in the order: test, train sample, OOD sets.
+    torch.random.fork_rng (the caller's generator is untouched), in the order: test (unless `in_table`
+    is given), train sample, OOD sets. `in_table`: data.test's (N, K) log p(x|k) already computed (a run's
+    tables.pt: the numbers behind its metrics), used instead of evaluating the test set again.
 
     Args:
         model: the mixture flow.
@@ -527,7 +530,12 @@ def flow_scores(
     log_py = model.prior.log_class_probs.detach().cpu().double()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        tables = {IN_DISTRIBUTION: flow_log_likelihoods(model, data.test.tensors[0], batch_size, device, draws)}
+        if in_table is None:
+            in_table = flow_log_likelihoods(model, data.test.tensors[0], batch_size, device, draws)
+        elif tuple(in_table.shape) != (len(data.test), data.num_classes):
+            raise ValueError(f"in_table must be the ({len(data.test)}, {data.num_classes}) table of data.test, "
+                             f"got {tuple(in_table.shape)}")
+        tables = {IN_DISTRIBUTION: in_table.detach().cpu().double()}
         mean_nll = None
         if "typicality" in names:
             train = flow_log_likelihoods(model, _train_sample(data, train_sample, seed), batch_size, device, draws)
@@ -577,7 +585,7 @@ def gaussian_tables(
 
     fit = class_moments(((noisy(x_tr)[0], y_tr) for _ in range(copies)), data.num_classes)
     rng.random(tuple(x_va.shape))  # gaussian_test_table's validation draw: keeps its test noise for data.test
-    tables = {}
+    hs, logdets = [], []
     for name, x in inputs.items():
         if not isinstance(x, Tensor) or x.dim() < 2 or x[0].numel() != dim:
             raise ValueError(f"input {name!r} must have {dim} values per sample, got shape "
@@ -585,7 +593,11 @@ def gaussian_tables(
         xf = x.reshape(len(x), -1).double()
         pre.check(xf)
         h, logdet = noisy(xf)
-        tables[name] = gaussian_log_likelihoods(h, fit, ridge) + logdet[:, None]
+        hs.append(h)
+        logdets.append(logdet)
+    # all inputs in one call: each class covariance is factorised once, not once per input set
+    table = gaussian_log_likelihoods(torch.cat(hs), fit, ridge) + torch.cat(logdets)[:, None]
+    tables = dict(zip(inputs, torch.split(table, [len(h) for h in hs])))
     return tables, fit.log_class_probs(), float(ridge)
 
 
@@ -671,21 +683,26 @@ def sklearn_max_posteriors(
     return out
 
 
-def ood_table(
+def ood_scores(
     model: MixtureFlow, data: Splits, ood_sets: Mapping[str, Tensor], batch_size: int = 500, seed: int = 0,
     gaussian: bool = True, sklearn: Sequence[str] = ("logistic",), train_sample: int | None = 2000, *,
     scores: Sequence[str] = SCORES, device: str | torch.device = "cpu", draws: int = 1, gaussian_copies: int = 10,
-    sklearn_max_train: int | None = SKLEARN_MAX_TRAIN,
-) -> list[dict]:
-    """AUROC and AUPR of every score of the flow, the per-class Gaussian and sklearn classifiers, per OOD set.
+    gaussian_ridge: float | None = None, sklearn_max_train: int | None = SKLEARN_MAX_TRAIN,
+    in_table: Tensor | None = None,
+) -> dict[str, dict[str, dict[str, np.ndarray]]]:
+    """Every OOD score of the flow, the per-class Gaussian and sklearn classifiers: {model: {set: {score: (N,)}}}.
 
-    In-distribution = data.test, the positive class; every score is oriented higher = more in-distribution
-    (module docstring). The flow: flow_scores; the Gaussian (quantised data only): gaussian_scores with the
-    flow's logit margin and `gaussian_copies` dequantised copies of train (its ridge chosen on validation);
-    sklearn: max_posterior of sklearn_max_posteriors, fit on at most `sklearn_max_train` training examples.
-    Cost on digits (1 thread): about a second beside the flow's own evaluation. On Fashion-MNIST (not
-    measured here) the Gaussian's ridge search dominates (baselines.gaussian_samples quotes ~90 s for it at
-    2 copies; it grows with gaussian_copies, and the moments are fit twice), then the logistic fit on 10k images.
+    In-distribution = data.test (key IN_DISTRIBUTION); every score is oriented higher = more in-distribution
+    (module docstring). The flow: flow_scores (its test table `in_table` when given); the Gaussian (quantised
+    data only): gaussian_scores with the flow's logit margin, `gaussian_copies` dequantised copies of train and
+    the ridge `gaussian_ridge` (None: chosen on validation, one more fit); sklearn: max_posterior of
+    sklearn_max_posteriors, fit on at most `sklearn_max_train` training examples. Models in that order, keyed
+    FLOW_METHOD, GAUSSIAN_METHOD, SKLEARN_METHODS[...]. ood_table turns them into AUROC / AUPR rows;
+    negate the flow's "neg_bpd" for histograms of bits/dim.
+
+    Cost on digits (1 thread): about a second beside the flow's own evaluation. On Fashion-MNIST (2 threads,
+    1,000 images per OOD set, RESULTS.md "Out-of-distribution detection"): the flow's evaluation of the sets,
+    the Gaussian's moments (twice, plus the ridge search unless gaussian_ridge is given), the logistic fit.
 
     Args:
         model: the mixture flow.
@@ -693,17 +710,14 @@ def ood_table(
         ood_sets: {name: (N, *data.data_shape) integer levels} (standard_ood_sets, other_dataset).
         batch_size: the flow's evaluation batch.
         seed: every noise draw, subsample and classifier seed.
-        gaussian: include the per-class Gaussian rows.
-        sklearn: sklearn methods (keys of SKLEARN_METHODS) for max-posterior rows; () for none.
+        gaussian: include the per-class Gaussian.
+        sklearn: sklearn methods (keys of SKLEARN_METHODS) for max-posterior scores; () for none.
         train_sample: training images for the typicality's H (None: all).
-        scores: which of SCORES (the sklearn rows have only max_posterior).
+        scores: which of SCORES (the sklearn models have only max_posterior).
         device, draws: the flow's evaluation device and dequantisation draws.
-        gaussian_copies: dequantised copies of train for the Gaussian's moments.
+        gaussian_copies, gaussian_ridge: the Gaussian's dequantised copies of train and its ridge.
         sklearn_max_train: the most training examples the sklearn classifiers are fit on.
-
-    Returns:
-        Rows {"model", "score", "ood_set", "auroc", "aupr", "n_in", "n_ood"}: the flow's first (model
-        FLOW_METHOD), then the Gaussian's (GAUSSIAN_METHOD), then each sklearn method's (SKLEARN_METHODS).
+        in_table: data.test's (N, K) log p(x|k) under the flow, if already computed.
     """
     scores = _check_names(scores)
     sklearn = (sklearn,) if isinstance(sklearn, str) else tuple(sklearn)
@@ -711,17 +725,34 @@ def ood_table(
     if unknown:  # before any work
         raise ValueError(f"unknown sklearn OOD baselines {unknown}; choose from {sorted(SKLEARN_METHODS)}")
     _check_sets(ood_sets, data.data_shape, data.levels)
-    rows = ood_rows(FLOW_METHOD, flow_scores(model, data, ood_sets, batch_size, seed, train_sample, names=scores,
-                                             device=device, draws=draws))
+    out = {FLOW_METHOD: flow_scores(model, data, ood_sets, batch_size, seed, train_sample, names=scores,
+                                    device=device, draws=draws, in_table=in_table)}
     if gaussian:
         if data.levels is None:
-            log.info("continuous data: no logit-space Gaussian rows")
+            log.info("continuous data: no logit-space Gaussian scores")
         else:
             alpha = getattr(model.preprocess, "alpha", ModelConfig.alpha)
-            rows += ood_rows(GAUSSIAN_METHOD, gaussian_scores(data, ood_sets, seed, train_sample, names=scores,
-                                                              alpha=alpha, copies=gaussian_copies))
+            out[GAUSSIAN_METHOD] = gaussian_scores(data, ood_sets, seed, train_sample, names=scores, alpha=alpha,
+                                                   copies=gaussian_copies, ridge=gaussian_ridge)
     if sklearn and "max_posterior" in scores:
         inputs = {IN_DISTRIBUTION: data.test.tensors[0], **ood_sets}
         for method, by_set in sklearn_max_posteriors(data, inputs, sklearn, seed, sklearn_max_train).items():
-            rows += ood_rows(method, {name: {"max_posterior": s} for name, s in by_set.items()})
-    return rows
+            out[method] = {name: {"max_posterior": s} for name, s in by_set.items()}
+    return out
+
+
+def ood_table(
+    model: MixtureFlow, data: Splits, ood_sets: Mapping[str, Tensor], batch_size: int = 500, seed: int = 0,
+    gaussian: bool = True, sklearn: Sequence[str] = ("logistic",), train_sample: int | None = 2000, **kwargs: Any,
+) -> list[dict]:
+    """AUROC and AUPR of every score of the flow, the per-class Gaussian and sklearn classifiers, per OOD set.
+
+    ood_rows of each model of ood_scores (same arguments; keyword ones passed through), in-distribution
+    (data.test) the positive class.
+
+    Returns:
+        Rows {"model", "score", "ood_set", "auroc", "aupr", "n_in", "n_ood"}: the flow's first (model
+        FLOW_METHOD), then the Gaussian's (GAUSSIAN_METHOD), then each sklearn method's (SKLEARN_METHODS).
+    """
+    by_model = ood_scores(model, data, ood_sets, batch_size, seed, gaussian, sklearn, train_sample, **kwargs)
+    return [row for name, by_set in by_model.items() for row in ood_rows(name, by_set)]

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..data import classes_tag
 from ..training.io import write_json
 
 __all__ = ["project_root", "project_path", "project_relative", "NOTEBOOKS", "ReportError", "Step", "plan", "execute", "run_report",
@@ -75,9 +76,12 @@ def plan(
     dataset: str = "digits", profile: str = "default", device: str = "cpu", seed: int = 0,
     reports_dir: str | Path = "reports", figures_dir: str | Path | None = None, runs_dir: str | Path = "runs/report",
     data_root: str | None = None, retrain: bool = False, ablation_json: str | Path | None = None,
-    tsne: bool = True, baselines: str | None = None,
+    tsne: bool = True, baselines: str | None = None, classes: list[str | int] | None = None,
 ) -> list[Step]:
     """The five notebook executions of a report (01 twice: fixed and student configuration), with absolute paths.
+
+    classes: study only these classes (data.classes of both configurations, names or labels); the run and
+    default figures directories then carry data.classes_tag (e.g. "fashion-mnist-default-classes-6-0-2-seed0").
 
     Example:
         >>> [(s.notebook, s.parameters.get("config")) for s in plan("digits", "smoke")]  # doctest: +NORMALIZE_WHITESPACE
@@ -90,19 +94,21 @@ def plan(
     base = get_profile(dataset, profile)  # ValueError for an unknown pair
     if baselines is None:  # tens of thousands of images: 2 noise copies, short sklearn grids (minutes, not an hour)
         baselines = "full" if dataset in SMALL_DATASETS else "fast"
+    tag = classes_tag(dataset, classes)  # ValueError for an unknown class
     reports = project_path(reports_dir)
-    figures = project_path(figures_dir or default_figures_dir(dataset, profile))
+    figures = project_path(figures_dir or (default_figures_dir(dataset, profile) if not tag
+                                           else f"figures/{dataset}-{profile}{tag}"))
     runs = project_path(runs_dir)
-    name = f"{dataset}-{profile}-seed{seed}"
+    name = f"{dataset}-{profile}{tag}-seed{seed}"
     run = {c: str(runs / f"{name}-{c}") for c in CONFIGS}
-    if ablation_json is None:  # the committed ablation of this dataset, when there is one
+    if ablation_json is None and not tag:  # the committed ablation of this dataset, when there is one
         committed = project_root() / "benchmarks" / "ablation" / f"{dataset}-{profile}.json"
         ablation_json = committed if committed.is_file() else ""
     ablation = str(project_path(ablation_json)) if ablation_json else ""
     common = {"figures_dir": str(figures), "device": device}
     steps = []
     for config in CONFIGS:
-        overrides = {}
+        overrides: dict[str, Any] = {} if classes is None else {"data.classes": list(classes)}
         if config == "student":
             overrides["runtime.epochs"] = min(base.runtime.epochs, STUDENT_MAX_EPOCHS)
             if base.runtime.max_minutes is not None:

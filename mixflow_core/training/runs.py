@@ -6,7 +6,9 @@ A run directory holds
   sizes) so that a model can be rebuilt without loading the data;
 - ``checkpoint.pt`` (last epoch, for resuming) and ``best.pt`` (best validated weights),
   both written by fit (checkpoint.py);
-- ``history.json`` (History.to_dict()) and ``metrics.json`` (validation and test metrics).
+- ``history.json`` (History.to_dict()) and ``metrics.json`` (validation and test metrics);
+- ``tables.pt``: the (N, K) tables of log p(x|k) those metrics come from, per split (``write_tables``), so
+  that calibration, temperature scaling and OOD scores of the same numbers need no second evaluation.
 """
 
 from __future__ import annotations
@@ -22,23 +24,23 @@ import torch
 from torch.utils.data import Dataset
 
 from ..data import Splits, load_data
-from ..eval.metrics import evaluate
+from ..eval.metrics import evaluate, evaluate_with_table
 from ..flows.model import MixtureFlow, build_model
 from .checkpoint import load_checkpoint
 from .config import RunConfig, apply_overrides, resume_conflicts, upgrade
 from .distributed import resolve_device
 from .fit import History, fit
 from .io import read_json as _read_json
-from .io import write_json
+from .io import save_torch, write_json
 
 __all__ = [
     "RunError", "one_line", "CONFIG", "HISTORY", "METRICS", "parse_set", "read_config_file", "refuse_resume_changes",
     "dataset_info", "check_same_data", "write_json", "write_config", "read_config", "find_checkpoint", "device_or_error",
-    "load_run_model", "evaluate_seeded", "seeded_rng", "merge_config", "train_run", "ensure_run", "read_json",
-    "read_history",
+    "load_run_model", "evaluate_seeded", "seeded_rng", "TABLES", "write_tables", "read_tables", "merge_config",
+    "train_run", "ensure_run", "read_json", "read_history",
 ]
 
-CONFIG, HISTORY, METRICS = "config.json", "history.json", "metrics.json"
+CONFIG, HISTORY, METRICS, TABLES = "config.json", "history.json", "metrics.json", "tables.pt"
 _META_KEYS = ("profile", "dataset_info", "mixflow_version")  # config.json keys that are not RunConfig sections
 
 
@@ -193,14 +195,40 @@ def load_run_model(run_dir: Path, device: str | None = None) -> tuple[MixtureFlo
 
 def evaluate_seeded(
     model: MixtureFlow, data: Dataset, seed: int, batch_size: int, device: torch.device, draws: int = 1,
-) -> dict[str, Any]:
+    with_table: bool = False,
+) -> Any:
     """metrics.evaluate with the global RNG (dequantisation noise, Hutchinson probes) seeded, then restored.
 
     The same seed gives the same numbers for the same weights and device, so `mixflow evaluate`
-    reproduces the metrics.json that `mixflow train` wrote.
+    reproduces the metrics.json that `mixflow train` wrote. with_table: (metrics, table (N, K), labels (N,))
+    (metrics.evaluate_with_table) instead of the metrics alone.
     """
     with seeded_rng(seed, device):
+        if with_table:
+            return evaluate_with_table(model, data, batch_size, device, draws)
         return evaluate(model, data, batch_size, device, draws)
+
+
+def write_tables(run_dir: str | Path, tables: dict[str, tuple[torch.Tensor, torch.Tensor]], log_py: torch.Tensor,
+                 checkpoint: str, seed: int, draws: int) -> Path:
+    """run_dir/tables.pt: {"splits": {split: {"table": (N, K) float64 log p(x|k), "y": (N,)}}, "log_py" (K,),
+    "checkpoint", "eval_seed", "draws"} (CPU tensors), written atomically (a temporary file, then renamed)."""
+    payload = {"checkpoint": checkpoint, "eval_seed": seed, "draws": draws,
+               "log_py": log_py.detach().cpu().double(),
+               "splits": {split: {"table": t.detach().cpu().double(), "y": y.detach().cpu().long()}
+                          for split, (t, y) in tables.items()}}
+    return save_torch(payload, Path(run_dir) / TABLES)
+
+
+def read_tables(run_dir: str | Path) -> dict[str, Any] | None:
+    """write_tables' payload of run_dir, or None when the run has none (runs trained before tables.pt existed)."""
+    path = Path(run_dir) / TABLES
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a truncated or foreign file: say which
+        raise RunError(f"{path} is not a readable tables file ({one_line(err)}); delete it to recompute") from err
 
 
 @contextlib.contextmanager
@@ -275,8 +303,11 @@ def train_run(
     seed, batch, draws = cfg.train.seed, cfg.runtime.eval_batch_size, cfg.runtime.eval_draws
     metrics: dict[str, Any] = {"checkpoint": ckpt.name, "eval_seed": seed, "best_epoch": history.best_epoch,
                                "epochs": len(history.epochs), "stopped": history.stopped}
+    tables = {}
     for split in ("val", "test"):
-        metrics[split] = evaluate_seeded(model, getattr(data, split), seed, batch, device, draws)
+        metrics[split], *tables[split] = evaluate_seeded(model, getattr(data, split), seed, batch, device, draws,
+                                                         with_table=True)
+    write_tables(run_dir, tables, model.prior.log_class_probs, ckpt.name, seed, metrics["test"]["draws"])
     write_json(run_dir / METRICS, metrics)
     return history, metrics
 

@@ -6,6 +6,7 @@ test_limit count within the subset; the field round-trips through RunConfig and 
 
 import json
 import math
+from pathlib import Path
 from collections import Counter
 from dataclasses import replace
 
@@ -226,3 +227,62 @@ def test_a_two_class_model_trains_and_evaluates():
     assert float(model.prior.log_class_probs.exp().sum()) == pytest.approx(1.0)
     m = evaluate(model, data.test)
     assert m["n"] == len(data.test) and len(m["confusion"]) == 2 and 0.0 <= m["accuracy"] <= 1.0
+
+
+# -- the report and the CLI ------------------------------------------------------------------------
+
+
+def test_classes_tag_names_directories_by_original_labels():
+    from mixflow_core.data import classes_tag
+
+    assert classes_tag("fashion-mnist", ["shirt", "T-shirt/top", "pullover"]) == "-classes-6-0-2"
+    assert classes_tag("digits", None) == "" and classes_tag("digits", [9, "4"]) == "-classes-9-4"
+    with pytest.raises(ValueError, match="unknown class"):
+        classes_tag("digits", ["shirt", 3])
+
+
+def test_report_plan_and_cli_carry_the_subset(tmp_path):
+    from mixflow_core.cli import build_parser
+    from mixflow_core.study import report
+
+    steps = report.plan("fashion-mnist", "default", classes=["shirt", "T-shirt/top"], runs_dir=tmp_path)
+    trains = [s for s in steps if s.notebook == report.TRAIN]
+    assert all(s.parameters["overrides"]["data.classes"] == ["shirt", "T-shirt/top"] for s in trains)
+    assert [Path(s.parameters["run_dir"]).name for s in trains] == [
+        "fashion-mnist-default-classes-6-0-seed0-fixed", "fashion-mnist-default-classes-6-0-seed0-student"]
+    assert Path(steps[-1].parameters["figures_dir"]).name == "fashion-mnist-default-classes-6-0"
+    assert steps[-1].parameters["ablation_json"] == ""  # the committed ablation is of all ten classes
+    args = build_parser().parse_args(["report", "--dataset", "digits", "--classes", "4, 9"])
+    assert args.classes == [4, 9]
+    assert build_parser().parse_args(["report", "--classes", "shirt,T-shirt/top"]).classes == ["shirt", "T-shirt/top"]
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["report", "--classes", "4"])
+
+
+def test_cli_train_names_the_run_by_its_classes(tmp_path, monkeypatch, capsys):
+    from mixflow_core.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    main(["train", "--dataset", "digits", "--profile", "smoke", "--set", "data.classes=[4,9]", "runtime.epochs=1"])
+    run_dir = tmp_path / "runs" / "digits-smoke-classes-4-9-seed0"
+    saved = json.loads((run_dir / "config.json").read_text())
+    assert saved["data"]["classes"] == [4, 9] and saved["dataset_info"]["class_names"] == ["4", "9"]
+    assert json.loads((run_dir / "metrics.json").read_text())["test"]["n"] == 72  # 36 fours + 36 nines
+
+
+def test_a_two_class_report_runs_end_to_end(tmp_path):
+    """The whole notebook sequence on digits 4 vs 9: every notebook sees two classes named "4" and "9"."""
+    from mixflow_core.study import report
+
+    steps = report.plan("digits", "smoke", classes=[4, 9], reports_dir=tmp_path / "reports",
+                        runs_dir=tmp_path / "runs", figures_dir=tmp_path / "figures", ablation_json="",
+                        baselines="fast", tsne=False)
+    report.run_report(steps, echo=lambda _: None)
+    out = json.loads(Path(steps[-1].parameters["results_json"]).read_text())
+    assert {r["method"] for r in out["rows"]} >= {"mixture flow: fixed", "mixture flow: student"}
+    assert all(sum(b["counts"]) == 72 for b in out["calibration"]["bins"].values())  # 72 test images of 4 and 9
+    metrics = json.loads((Path(steps[0].parameters["run_dir"]) / "metrics.json").read_text())
+    assert len(metrics["test"]["confusion"]) == 2 and metrics["test"]["n"] == 72
+    overlap = json.loads(Path(steps[2].parameters["results_json"]).read_text())
+    assert overlap["fixed"]["most_confused"][0][:2] in (["4", "9"], ["9", "4"])
+    assert out["ood"]["rows"] and all(r["n_in"] == 72 for r in out["ood"]["rows"])

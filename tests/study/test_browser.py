@@ -1,11 +1,19 @@
-"""A real browser drives notebooks/03_sampling.ipynb in JupyterLab: run all, then use the widget.
+"""A real browser drives the notebooks' widgets in JupyterLab: run all, then use each widget.
 
 JupyterLab runs from this Python's environment, offline (no news, update check or extension
-manager), on a free port with an empty token, serving a tmp folder that holds a copy of the
-notebook pointed at a smoke run. Debian's chromium (never `playwright install`) is driven by
-playwright: Run > Run All Cells, then the class dropdown and the temperature slider must each
-change the sampler's image. Without chromium or playwright the test is skipped, except under
-CI (environment variable CI set), where it fails.
+manager), on a free port with an empty token, serving a tmp folder that holds copies of the
+notebooks whose parameters cells point at smoke runs. Debian's chromium (never `playwright install`)
+is driven by playwright, one page and JupyterLab workspace per notebook: Run > Run All Cells, then
+
+- notebooks/03_sampling.ipynb (one digits smoke run): the class dropdown and the temperature slider
+  must each change the sampler's image;
+- notebooks/02_overlap_diagnosis.ipynb (student and fixed digits smoke runs, 3 epochs, snapshots
+  after epochs 1 and 2; 150 test points, no t-SNE): the overlap explorer's "snapshot" slider must
+  change the ellipse panels, and the "image" dropdown, a typed "index" and the "weights" dropdown
+  the classify-one-image view, each control leaving the other image alone.
+
+Without chromium or playwright the tests are skipped, except under CI (environment variable CI set),
+where they fail.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ import base64
 import importlib.util
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -23,19 +32,24 @@ from pathlib import Path
 
 import pytest
 
+from mixflow_core import study
 from mixflow_core.cli import main
+from mixflow_core.training import runs
 from tests.helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
-NOTEBOOK = ROOT / "notebooks" / "03_sampling.ipynb"
+NOTEBOOKS = ROOT / "notebooks"
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
     "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
     "--disable-component-update", "--disable-sync",
 ]
-# Budgets (s): training + server start + the browser steps stay under two minutes; a passing run takes ~25 s.
+# Budgets (s) of each test's browser steps (its training and the server start come before them). Passing runs
+# take ~30 s for the sampler (training and server start included) and ~40 s for the explorer (its trainings included).
 SERVER_START_S = 30
-TEST_BUDGET_S = 75
+SAMPLER_BUDGET_S = 75
+EXPLORER_BUDGET_S = 90
+EXPLORER_POINTS = 150  # notebook 02's max_points: the test images the explorer draws and classifies
 # Requests to the local server must not go through an http(s)_proxy from the environment.
 _LOCAL = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -63,22 +77,48 @@ def sync_playwright():
 
 @pytest.fixture(scope="module")
 def lab_dir(sync_playwright, tmp_path_factory) -> Path:
-    """A folder with a smoke run and a copy of notebook 03 whose parameters point at it."""
+    """The folder JupyterLab serves: the notebook fixtures put their runs and notebook copies in it."""
+    return tmp_path_factory.mktemp("lab")
+
+
+def _copy_notebook(name: str, lab_dir: Path, parameters: list[str]) -> Path:
+    """notebooks/<name> copied into lab_dir with its `parameters` cell replaced by these lines; the copy's path."""
     import nbformat
 
-    root = tmp_path_factory.mktemp("lab")
-    run_dir = root / "run"
-    assert main(["train", "--dataset", "digits", "--profile", "smoke", "--run-dir", str(run_dir)]) == 0
-    nb = nbformat.read(NOTEBOOK, as_version=4)
+    nb = nbformat.read(NOTEBOOKS / name, as_version=4)
     (params,) = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
-    params.source = "\n".join([
+    params.source = "\n".join(parameters)
+    nbformat.write(nb, lab_dir / name)
+    return lab_dir / name
+
+
+@pytest.fixture(scope="module")
+def sampling_notebook(lab_dir) -> Path:
+    """A smoke run and a copy of notebook 03 whose parameters point at it (results in <stem>.json)."""
+    run_dir = lab_dir / "sampling_run"
+    assert main(["train", "--dataset", "digits", "--profile", "smoke", "--run-dir", str(run_dir)]) == 0
+    return _copy_notebook("03_sampling.ipynb", lab_dir, [
         f"run_dir = {str(run_dir)!r}",
-        f"figures_dir = {str(root / 'figures')!r}",
-        f"results_json = {str(root / 'results.json')!r}",
+        f"figures_dir = {str(lab_dir / 'figures_03')!r}",
+        f"results_json = {str(lab_dir / '03_sampling.json')!r}",
         'device = "cpu"', "temperature = 0.7", "n_samples = 8", "seed = 0", "interpolate = [0, 1]", "steps = 10",
     ])
-    nbformat.write(nb, root / "03_sampling.ipynb")
-    return root
+
+
+@pytest.fixture(scope="module")
+def overlap_notebook(lab_dir) -> Path:
+    """Student and fixed smoke runs (3 epochs, snapshots after epochs 1 and 2) and a copy of notebook 02 on them."""
+    run_dirs = {config: lab_dir / f"overlap_{config}" for config in ("student", "fixed")}
+    for config, run_dir in run_dirs.items():
+        cfg = study.run_config("digits", "smoke", config, progress=False, overrides={"runtime.epochs": 3})
+        runs.ensure_run(cfg, run_dir, "smoke", (1, 2))
+    return _copy_notebook("02_overlap_diagnosis.ipynb", lab_dir, [
+        f"fixed_run = {str(run_dirs['fixed'])!r}",
+        f"student_run = {str(run_dirs['student'])!r}",
+        f"figures_dir = {str(lab_dir / 'figures_02')!r}",
+        f"results_json = {str(lab_dir / '02_overlap_diagnosis.json')!r}",
+        'ablation_json = ""', 'device = "cpu"', f"max_points = {EXPLORER_POINTS}", "tsne = False", "seed = 0",
+    ])
 
 
 @pytest.fixture(scope="module")
@@ -214,19 +254,39 @@ def _run_all(page, deadline: Deadline) -> None:
     page.locator(".lm-Menu-item[data-command='runmenu:run-all']").click(timeout=deadline.ms())
 
 
-def test_widget_in_jupyterlab(page, lab_server, lab_dir):
-    """Run All renders the sampler; the class dropdown and the temperature slider each re-render its image."""
-    deadline = Deadline(TEST_BUDGET_S)
-    page.goto(f"{lab_server}/lab/tree/03_sampling.ipynb", timeout=deadline.ms())
-    _wait_for_kernel(page, lab_server, "03_sampling.ipynb", deadline)
+def _open_and_run_all(page, url: str, notebook: Path, deadline: Deadline) -> None:
+    """Open the notebook copy in a workspace of its own (no tabs restored from another test), Run All, and wait
+    until a widget image is shown."""
+    name = notebook.name
+    page.goto(f"{url}/lab/workspaces/{notebook.stem}/tree/{name}", timeout=deadline.ms())
+    _wait_for_kernel(page, url, name, deadline)
     _run_all(page, deadline)
-
     image, dialog = page.locator(".widget-image"), page.locator(".jp-Dialog")
     image.or_(dialog).first.wait_for(state="visible", timeout=deadline.ms())
     if dialog.count():  # "Select Kernel": the page was still attaching the kernel after all; accept, run again
         dialog.locator(".jp-mod-accept").click(timeout=deadline.ms())
-        _wait_for_kernel(page, lab_server, "03_sampling.ipynb", deadline)
+        _wait_for_kernel(page, url, name, deadline)
         _run_all(page, deadline)
+        image.first.wait_for(state="visible", timeout=deadline.ms())
+
+
+def _src(image, deadline: Deadline) -> str:
+    """The image's current src (a blob: URL, new for every value the kernel sends)."""
+    return image.get_attribute("src", timeout=deadline.ms())
+
+
+def _results(notebook: Path) -> dict:
+    """The notebook's results JSON. The widget's comm messages queue behind Run All's cells, so once a widget has
+    answered a change, every cell has run and the file is written."""
+    return json.loads(notebook.with_suffix(".json").read_text())
+
+
+def test_widget_in_jupyterlab(page, lab_server, sampling_notebook):
+    """Run All renders the sampler; the class dropdown and the temperature slider each re-render its image."""
+    deadline = Deadline(SAMPLER_BUDGET_S)
+    _open_and_run_all(page, lab_server, sampling_notebook, deadline)
+
+    image = page.locator(".widget-image")
     status = page.locator(".widget-label", has_text="\u00b7 seed")  # the SamplerWidget's status line
     src0, png0 = _shown_image(page, image, deadline)
     status.filter(has_text="class 0 \u00b7 T=0.70 \u00b7 8 samples \u00b7 seed 0").wait_for(timeout=deadline.ms())
@@ -244,6 +304,68 @@ def test_widget_in_jupyterlab(page, lab_server, lab_dir):
     _, png2 = _shown_image(page, image, deadline, src1)
     assert png2 not in (png0, png1), "raising the temperature did not change the picture"
 
-    # The widget's comm messages queue behind Run All's cells, so those have run: figures and results exist.
-    results = json.loads((lab_dir / "results.json").read_text())
+    results = _results(sampling_notebook)
     assert len(results["figures"]) == 2 and all(Path(p).is_file() for p in results["figures"])
+
+
+def test_overlap_explorer_in_jupyterlab(page, lab_server, overlap_notebook):
+    """Run All renders the overlap explorer; its snapshot slider re-renders the ellipse panels, and its image pick,
+    typed index and weights each re-render the classify-one-image view, each leaving the other image as it was."""
+    deadline = Deadline(EXPLORER_BUDGET_S)
+    _open_and_run_all(page, lab_server, overlap_notebook, deadline)
+
+    images = page.locator(".widget-image")
+    epochs, view = images.nth(0), images.nth(1)  # the VBox's order: slider, ellipse panels, ..., classify view
+    epoch_status = page.locator(".widget-label", has_text="student: ")  # "student: <label> | fixed: <label>"
+    image_status = page.locator(".widget-label", has_text=" \u00b7 image ")  # "<weights> · image <i> (<pick>) · ..."
+    pick = page.locator(".widget-dropdown", has_text="image").locator("select")
+    weights = page.locator(".widget-dropdown", has_text="weights").locator("select")
+    index = page.locator(".widget-text", has_text="index").locator("input")
+
+    e0, epng0 = _shown_image(page, epochs, deadline)
+    v0, vpng0 = _shown_image(page, view, deadline)
+    epoch_status.filter(has_text="student: best").filter(has_text="fixed: best").wait_for(timeout=deadline.ms())
+    image_status.filter(has_text="fixed \u00b7 image").filter(has_text="(most confused)").wait_for(timeout=deadline.ms())
+    assert images.count() == 2 and weights.input_value(timeout=deadline.ms()) == "fixed"
+    i0 = int(index.input_value(timeout=deadline.ms()))
+
+    # (1) the snapshot slider, from the best weights (last) to the first snapshot: the ellipse panels only
+    handle = page.locator(".widget-hslider", has_text="snapshot").locator(".noUi-handle")
+    handle.focus(timeout=deadline.ms())
+    handle.press("Home", timeout=deadline.ms())
+    epoch_status.filter(has_text="student: epoch 1 | fixed: epoch 1").wait_for(timeout=deadline.ms())
+    e1, epng1 = _shown_image(page, epochs, deadline, e0)
+    assert epng1 != epng0, "moving the snapshot slider to epoch 1 did not change the ellipse panels"
+    assert _src(view, deadline) == v0, "the snapshot slider re-rendered the classify view"
+
+    # (2a) the image dropdown: "most OOD" picks the test image of lowest p(x) and shows its index
+    pick.select_option(label="most OOD", timeout=deadline.ms())
+    ood = image_status.filter(has_text="(most OOD)")
+    ood.wait_for(timeout=deadline.ms())
+    i1 = int(re.search(r"image (\d+) \(most OOD\)", ood.inner_text(timeout=deadline.ms())).group(1))
+    assert index.input_value(timeout=deadline.ms()) == str(i1), "the index box does not show the picked image"
+    if i1 != i0:  # a different image; the most confused one may also be the most OOD, then the view stays as it is
+        v1, vpng1 = _shown_image(page, view, deadline, v0)
+        assert vpng1 != vpng0, f"picking the most OOD image ({i1}) did not change the classify view"
+    else:
+        v1, vpng1 = v0, vpng0
+
+    # (2b) a typed index: classify that image, the pick switches to "index"
+    i2 = (i1 + 1) % EXPLORER_POINTS
+    index.fill(str(i2), timeout=deadline.ms())
+    index.press("Enter", timeout=deadline.ms())
+    image_status.filter(has_text=f"fixed \u00b7 image {i2} (index)").wait_for(timeout=deadline.ms())
+    v2, vpng2 = _shown_image(page, view, deadline, v1)
+    assert vpng2 not in (vpng0, vpng1), f"typing index {i2} did not change the classify view"
+    assert pick.input_value(timeout=deadline.ms()) == "index", "a typed index did not switch the pick to index"
+
+    # (3) the weights dropdown: the same image under the student's weights
+    weights.select_option(label="student", timeout=deadline.ms())
+    image_status.filter(has_text=f"student \u00b7 image {i2} (index)").wait_for(timeout=deadline.ms())
+    _, vpng3 = _shown_image(page, view, deadline, v2)
+    assert vpng3 not in (vpng0, vpng1, vpng2), "switching the weights to student did not change the classify view"
+    assert _src(epochs, deadline) == e1, "the classify controls re-rendered the ellipse panels"
+
+    results = _results(overlap_notebook)  # save_static: first and last snapshot, both picks per configuration
+    assert len(results["explorer_figures"]) == 6 and all(Path(p).is_file() for p in results["figures"])
+    assert {Path(p).name for p in results["figures"]} >= set(results["explorer_figures"])
