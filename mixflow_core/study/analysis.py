@@ -204,8 +204,10 @@ SAMPLE_QUALITY_TEMPERATURES = (1.0, 0.7)
 def sample_quality_rows(
     models: dict[str, MixtureFlow], data: Splits, temperatures: Sequence[float] = SAMPLE_QUALITY_TEMPERATURES,
     n_per_class: int = 100, seed: int = 0, gaussian_ridge: float | None = None, max_train: int = 30_000,
+    gaussian: bool = True,
 ) -> list[dict[str, Any]]:
-    """Sample quality of each model and of the per-class Gaussian baseline, per temperature (eval.sample_quality).
+    """Sample quality of each model and of the per-class Gaussian baseline (unless `gaussian` is False), per
+    temperature (eval.sample_quality).
 
     Each method draws `n_per_class` samples of every class at each temperature (the flow: its prior at T,
     then the inverse flow; the Gaussian: baselines.gaussian_samples with `gaussian_ridge`, None: chosen on
@@ -228,8 +230,9 @@ def sample_quality_rows(
                 images = torch.cat([model.sample(part, temperature=temperature, generator=gen)
                                     for part in labels.split(500)])
             draws[name] = (images.cpu(), labels.cpu())
-        draws["per-class Gaussian (logit space)"] = gaussian_samples(
-            data, n_per_class, temperature, ridge=gaussian_ridge, copies=2, seed=seed)
+        if gaussian:
+            draws["per-class Gaussian (logit space)"] = gaussian_samples(
+                data, n_per_class, temperature, ridge=gaussian_ridge, copies=2, seed=seed)
         for name, (images, labels) in draws.items():
             row = sample_quality(reference, x_te, y_te, images, labels, data.levels, seed=seed)
             rows.append({"method": name, "temperature": temperature, **row})

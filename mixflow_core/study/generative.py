@@ -145,14 +145,14 @@ def ood_sets(data: Splits, dataset: str, n: int | None = 1000, seed: int = 0,
 def ood_study(
     run: Run, sets: Mapping[str, Tensor], seed: int = 0, train_sample: int | None = 1000, draws: int = 1,
     gaussian_copies: int = 2, gaussian_ridge: float | None = None, sklearn: Sequence[str] = ("logistic",),
-    sklearn_max_train: int | None = ood.SKLEARN_MAX_TRAIN,
+    sklearn_max_train: int | None = ood.SKLEARN_MAX_TRAIN, baselines: bool = True,
 ) -> dict[str, Any]:
     """OOD detection by a run's flow and its baselines, on the test set against each of `sets`.
 
     eval.ood.ood_scores with the run's evaluation batch and device; the flow's test table is the run's own
     (eval_tables) when it was computed with `draws` dequantisation draws (in-distribution and OOD inputs are
     always scored alike). gaussian_ridge: the Gaussian's ridge (e.g. its results-table row's) to skip the
-    ridge search.
+    ridge search. baselines False: the flow's rows only (no Gaussian, no sklearn).
 
     Returns:
         {"rows": ood_table rows, "bpd": {model: {set: (N,) bits/dim of the marginal}} for the density models
@@ -161,7 +161,8 @@ def ood_study(
     t = eval_tables(run)
     in_table = t["splits"]["test"]["table"] if int(t["draws"]) == draws else None
     by_model = ood.ood_scores(
-        run.model, run.data, sets, run.cfg.runtime.eval_batch_size, seed, True, sklearn, train_sample,
+        run.model, run.data, sets, run.cfg.runtime.eval_batch_size, seed, baselines, sklearn if baselines else (),
+        train_sample,
         device=run.model.prior.means.device, draws=draws, gaussian_copies=gaussian_copies, gaussian_ridge=gaussian_ridge,
         sklearn_max_train=sklearn_max_train, in_table=in_table)
     rows = [r for name, by_set in by_model.items() for r in ood.ood_rows(name, by_set)]

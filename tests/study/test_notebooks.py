@@ -260,14 +260,17 @@ def test_report_runs_on_cifar10_shaped_images(tmp_path):
     write_cifar(tmp_path / "data", n=20)  # 5 x 20 training images, 20 test images
     steps = report.plan("cifar10", "smoke", reports_dir=tmp_path / "reports", figures_dir=tmp_path / "figures",
                         runs_dir=tmp_path / "runs", data_root=str(tmp_path / "data"), ablation_json="",
-                        baselines="fast")
+                        baselines="none")  # the baselines' 3072-D Gaussian costs minutes; the flow's path is under test
     report.run_report(steps, echo=lambda _: None)
     trained = _json(steps[0])
     assert trained["metrics"]["test"]["n"] == 20 and math.isfinite(trained["metrics"]["test"]["bpd_conditional"])
     sampled = _json(steps[3])
     assert all(_is_png(p) for p in sampled["figures"])
-    rows = _json(steps[4])["rows"]
-    assert {r["method"] for r in rows} >= {"mixture flow: fixed", "mixture flow: student"}
+    out = _json(steps[4])
+    assert {r["method"] for r in out["rows"]} == {"mixture flow: fixed", "mixture flow: student"}
+    assert {r["model"] for r in out["ood"]["rows"]} == {"mixture flow"}  # no baselines: the flow's OOD rows only
+    assert {r["ood_set"] for r in out["ood"]["rows"]} >= {"uniform noise", "flipped"}
+    assert all(r["n_in"] == 20 for r in out["ood"]["rows"])
 
 
 def test_parameter_defaults_point_where_make_report_writes():

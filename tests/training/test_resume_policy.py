@@ -98,6 +98,7 @@ def old_run(finished, tmp_path):
     run = _copy(finished, tmp_path)
     old = json.loads((FIXTURES / "digits-smoke-config.json").read_text())
     old["train"]["epochs"], old["data"]["train_limit"], old["model"]["eval_logdet"] = 1, 130, "exact"
+    old["train"]["eval_batch_size"] = BASE.runtime.eval_batch_size  # 0.1 wrote 500; today's batch, so numbers compare
     old["dataset_info"] = json.loads((run / "config.json").read_text())["dataset_info"]
     (run / "config.json").write_text(json.dumps(old))
     ckpt = load_checkpoint(run / "checkpoint.pt")
