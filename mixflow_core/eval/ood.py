@@ -236,12 +236,13 @@ def ood_rows(model: str, scores: Mapping[str, Mapping[str, Any]], in_key: str = 
 def markdown_ood_table(rows: Sequence[Mapping[str, Any]]) -> str:
     """The OOD rows as Markdown: one line per (model, score), one column per OOD set, cells "AUROC / AUPR".
 
-    In-distribution is the positive class (AUROC 0.5 = chance); — where a model has no such score and set.
+    In-distribution is the positive class (AUROC 0.5 = chance); each set's header gives its size and AUPR's
+    chance level n_in / (n_in + n_ood); — where a model has no such score and set.
 
     Example:
         >>> print(markdown_ood_table([{"model": "m", "score": "log_px", "ood_set": "noise", "auroc": 1.0,
-        ...                            "aupr": 0.99, "n_in": 10, "n_ood": 10}]))
-        | model | score | noise (n = 10) |
+        ...                            "aupr": 0.99, "n_in": 30, "n_ood": 10}]))
+        | model | score | noise (n = 10; AUPR chance 0.750) |
         |---|---|---|
         | m | log_px | 1.000 / 0.990 |
     """
@@ -251,9 +252,10 @@ def markdown_ood_table(rows: Sequence[Mapping[str, Any]]) -> str:
     for r in rows:
         if r["ood_set"] not in sets:
             sets.append(r["ood_set"])
-            n_ood[r["ood_set"]] = r["n_ood"]
+            n_ood[r["ood_set"]] = (r["n_ood"], r["n_in"] / (r["n_in"] + r["n_ood"]))
         lines_of.setdefault((r["model"], r["score"]), {})[r["ood_set"]] = f"{r['auroc']:.3f} / {r['aupr']:.3f}"
-    lines = ["| model | score | " + " | ".join(f"{s} (n = {n_ood[s]})" for s in sets) + " |",
+    lines = ["| model | score | " + " | ".join(f"{s} (n = {n_ood[s][0]}; AUPR chance {n_ood[s][1]:.3f})" for s in sets)
+             + " |",
              "|---|---|" + "---|" * len(sets)]
     for (model, score), cells in lines_of.items():
         lines.append(f"| {model} | {score} | " + " | ".join(cells.get(s, "—") for s in sets) + " |")

@@ -35,7 +35,7 @@ from .ablation import student_config
 
 __all__ = [
     "CONFIGS", "run_config", "snapshot_epochs", "Run", "load_run", "load_runs", "overlap_numbers", "snapshot_models", "test_subset",
-    "gaussian_panel", "embedding_panels", "overlap_matrices", "results_rows", "markdown_results",
+    "gaussian_panel", "embedding_panels", "overlap_matrices", "results_rows", "table_cell", "markdown_results",
     "SAMPLE_QUALITY_TEMPERATURES", "sample_quality_rows", "markdown_sample_quality",
 ]
 
@@ -179,16 +179,19 @@ def results_rows(runs: dict[str, dict[str, Any]], baselines: list[dict[str, Any]
     return rows
 
 
+def table_cell(v: Any, fmt: str) -> str:
+    """One Markdown table cell: — for None, scientific notation for |floats| >= 1e4 (collapsed runs), else fmt."""
+    if v is None:
+        return "—"
+    return format(v, ".3e") if isinstance(v, float) and abs(v) >= 1e4 else format(v, fmt)
+
+
 def markdown_results(rows: list[dict[str, Any]]) -> str:
     """The results table as Markdown (— where a method has no such number).
 
     "draws": dequantisation draws averaged per test image for the densities (— for classifiers without one).
     """
-    def cell(v: Any, fmt: str) -> str:
-        if v is None:
-            return "—"
-        return format(v, ".3e") if isinstance(v, float) and abs(v) >= 1e4 else format(v, fmt)  # collapsed runs
-
+    cell = table_cell
     lines = ["| method | kind | test accuracy | bits/dim (conditional) | bits/dim (marginal) | ECE | n | draws |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -27,7 +27,7 @@ from ..eval.baselines import GAUSSIAN_METHOD
 from ..eval.metrics import apply_temperature, fit_temperature, reliability_bins
 from ..training.io import json_safe
 from ..training.runs import evaluate_seeded, read_tables, write_tables
-from .analysis import Run
+from .analysis import Run, table_cell
 
 __all__ = ["eval_tables", "calibration", "markdown_calibration", "OTHER_DATASET", "FIGURE_TAGS", "ood_sets",
            "ood_study", "ood_findings"]
@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 # the data set whose images, resampled, are each data set's "other data set" OOD set
 OTHER_DATASET: Mapping[str, str] = {"digits": "fashion-mnist", "fashion-mnist": "digits", "cifar10": "fashion-mnist"}
 FIGURE_TAGS: Mapping[str, str] = {ood.FLOW_METHOD: "flow", GAUSSIAN_METHOD: "gaussian"}  # file-name tags of models
+
+
+TEMPERATURE_BOUNDS = (1e-3, 1e4)  # the search interval of T (metrics.fit_temperature's default)
 
 
 # -- the tables behind a run's metrics -------------------------------------------------------------------
@@ -69,14 +72,17 @@ def _nll(log_post: Tensor, y: Tensor) -> float:
     return float(-log_post.gather(1, y[:, None]).mean())
 
 
-def calibration(runs: Mapping[str, Run], n_bins: int = 15) -> dict[str, Any]:
+def calibration(runs: Mapping[str, Run], n_bins: int = 15,
+                bounds: tuple[float, float] = TEMPERATURE_BOUNDS) -> dict[str, Any]:
     """Reliability of each run's p(y|x) on test, before and after temperature scaling fit on validation.
 
     T = metrics.fit_temperature on the validation table (the NLL of softmax((log p(x|k) + log p(k)) / T)),
-    applied to the test table. A run whose tables are not finite (a collapsed density) gets T None.
+    applied to the test table, searched within `bounds`; "temperature_at_bound" says the NLL still fell at a
+    bound (a collapsed run's posteriors). A run whose tables are not finite gets T None.
 
     Returns:
-        {"rows": [{"method", "accuracy", "temperature", "ece", "ece_scaled", "nll", "nll_scaled", "n"}],
+        {"rows": [{"method", "accuracy", "temperature", "temperature_at_bound", "ece", "ece_scaled", "nll",
+        "nll_scaled", "n"}],
          "bins": {label: metrics.reliability_bins dict}}: per run the bins under its name, and after scaling
          under "<name>, T = <T>" (JSON-ready).
     """
@@ -87,17 +93,18 @@ def calibration(runs: Mapping[str, Run], n_bins: int = 15) -> dict[str, Any]:
         before = reliability_bins(test["table"], test["y"], log_py, n_bins)
         log_post = torch.log_softmax(test["table"] + log_py, 1)
         row = {"method": name, "accuracy": float((log_post.argmax(1) == test["y"]).double().mean()),
-               "temperature": None, "ece": before["ece"], "ece_scaled": None, "nll": _nll(log_post, test["y"]),
+               "temperature": None, "temperature_at_bound": None, "ece": before["ece"], "ece_scaled": None, "nll": _nll(log_post, test["y"]),
                "nll_scaled": None, "n": len(test["y"])}
         bins[name] = before
         try:
-            temperature = fit_temperature(val["table"], val["y"], log_py)
+            temperature = fit_temperature(val["table"], val["y"], log_py, bounds)
         except ValueError as err:  # NaN / +inf in the table: nothing to scale
             log.warning("%s: no temperature scaling (%s)", name, err)
         else:
             scaled = apply_temperature(test["table"], temperature, log_py)
             after = reliability_bins(scaled, test["y"], None, n_bins)
-            row.update(temperature=temperature, ece_scaled=after["ece"], nll_scaled=_nll(scaled, test["y"]))
+            row.update(temperature=temperature, ece_scaled=after["ece"], nll_scaled=_nll(scaled, test["y"]),
+                       temperature_at_bound=temperature in bounds)
             bins[f"{name}, T = {temperature:.3g}"] = after
         rows.append(row)
     return json_safe({"rows": rows, "bins": bins})
@@ -105,13 +112,12 @@ def calibration(runs: Mapping[str, Run], n_bins: int = 15) -> dict[str, Any]:
 
 def markdown_calibration(rows: Sequence[Mapping[str, Any]]) -> str:
     """calibration()'s rows as Markdown (— where a run has no temperature)."""
-    def cell(v: Any, fmt: str) -> str:
-        return "—" if v is None else (format(v, ".3e") if abs(v) >= 1e4 else format(v, fmt))
-
+    cell = table_cell
     lines = ["| method | test accuracy | T (fit on val) | ECE | ECE after T | NLL (nats) | NLL after T | n |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['method']} | {cell(r['accuracy'], '.4f')} | {cell(r['temperature'], '.3f')} "
+        t = cell(r["temperature"], ".3f") + (" (search bound)" if r.get("temperature_at_bound") else "")
+        lines.append(f"| {r['method']} | {cell(r['accuracy'], '.4f')} | {t} "
                      f"| {cell(r['ece'], '.4f')} | {cell(r['ece_scaled'], '.4f')} | {cell(r['nll'], '.4f')} "
                      f"| {cell(r['nll_scaled'], '.4f')} | {r['n']} |")
     return "\n".join(lines)

@@ -163,7 +163,7 @@ def test_rows_and_markdown():
                        "aupr": pytest.approx(1.0, abs=1e-12), "n_in": 2, "n_ood": 3}
     assert rows[1]["auroc"] == pytest.approx(4 / 6)
     md = markdown_ood_table(rows).splitlines()
-    assert md[0] == "| model | score | noise (n = 3) |"
+    assert md[0] == "| model | score | noise (n = 3; AUPR chance 0.400) |"  # n_in / (n_in + n_ood) = 2 / 5
     assert md[2] == "| m | log_px | 1.000 / 1.000 |"
     with pytest.raises(ValueError, match="in-distribution"):
         ood_rows("m", {"noise": scores["noise"]})

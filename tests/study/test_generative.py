@@ -97,6 +97,10 @@ def test_calibration_of_both_configurations_and_json_safe(loaded):
     for r in cal["rows"]:
         assert r["ece"] == pytest.approx(loaded[r["method"]].metrics["test"]["ece"], rel=1e-12)  # 15 bins, as metrics
         assert r["temperature"] is None or r["temperature"] > 0
+    # a search interval that excludes the fitted T: the bound is returned, flagged, and said in the table
+    (row,) = generative.calibration({"fixed": loaded["fixed"]}, bounds=(1e-3, 1e-2))["rows"]
+    assert row["temperature"] == 1e-2 and row["temperature_at_bound"] is True
+    assert "0.010 (search bound)" in generative.markdown_calibration([row])
 
 
 def test_ood_sets_subsample_and_the_other_data_set(loaded, monkeypatch):
