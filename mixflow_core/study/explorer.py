@@ -14,6 +14,7 @@ pytest; `OverlapExplorer` is a thin ipywidgets shell whose observe callbacks cal
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -165,7 +166,9 @@ def fig_image(frames: Frames, config: str, i: int, nearest: int = 3) -> Figure:
     ax_bar.invert_yaxis()
     panel = dict(frames.panels[config][-1], highlight=z[0].double().numpy(), title="")
     draw_gaussians(ax_lat, panel, frames.projections[config], class_colors(len(names)))
-    ax_lat.set_title("nearest means: " + ", ".join(f"{names[k]} {dist[k]:.1f}σ" for k in order), fontsize="medium")
+    # a latent of class k lies about sqrt(D) sigma from mean k in D dimensions: say so, the distances read against it
+    ax_lat.set_title("nearest means: " + ", ".join(f"{names[k]} {dist[k]:.1f}σ" for k in order)
+                     + f"\n(a typical latent of a class: √D = {math.sqrt(z.shape[1]):.0f}σ from its mean)", fontsize="medium")
     return fig
 
 
