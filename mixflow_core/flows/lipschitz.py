@@ -230,16 +230,17 @@ class _Group:
         self.u = torch.cat([layer.u.reshape(1, *layer.u.shape[-3:]) if self.conv else layer.u[None] for layer in layers])
         self.v = torch.cat([layer.v.reshape(1, *layer.v.shape[-3:]) if self.conv else layer.v[None] for layer in layers])
 
+    # linear members: row vectors times W^T / W, (G, 1, in) @ (G, in, out): 4-5x faster on CPU than bmm(W, column)
     def _apply_W(self, v: Tensor) -> Tensor:
         if not self.conv:
-            return torch.bmm(self.w, v.unsqueeze(-1)).squeeze(-1)
+            return torch.matmul(v.unsqueeze(1), self.w.transpose(1, 2)).squeeze(1)
         g = len(self.layers)
         out = F.conv2d(v.reshape(1, -1, *v.shape[-2:]), self.w.flatten(0, 1), padding=self.layers[0].padding, groups=g)
         return out.reshape(g, -1, *out.shape[-2:])
 
     def _apply_WT(self, u: Tensor) -> Tensor:
         if not self.conv:
-            return torch.bmm(self.w.transpose(1, 2), u.unsqueeze(-1)).squeeze(-1)
+            return torch.matmul(u.unsqueeze(1), self.w).squeeze(1)
         g = len(self.layers)
         out = F.conv_transpose2d(u.reshape(1, -1, *u.shape[-2:]), self.w.flatten(0, 1), padding=self.layers[0].padding,
                                  groups=g)
