@@ -22,7 +22,8 @@ from torch.utils.data import DataLoader, Dataset
 from ..flows.model import MixtureFlow
 
 __all__ = ["over_dataset", "log_likelihood_table", "accuracy", "bits_per_dim", "expected_calibration_error", "confusion_matrix", "evaluate",
-           "stochastic_dequantisation", "evaluate_with_table", "reliability_bins", "fit_temperature", "apply_temperature"]
+           "stochastic_dequantisation", "evaluate_with_table", "reliability_bins", "TEMPERATURE_BOUNDS", "fit_temperature",
+           "apply_temperature"]
 
 
 @torch.no_grad()
@@ -179,8 +180,11 @@ def _temperature_nll_grad(z: Tensor, y: Tensor, beta: float) -> float:
     return float((expected - z.gather(1, y[:, None]).squeeze(1)).mean())
 
 
+TEMPERATURE_BOUNDS = (1e-3, 1e4)  # fit_temperature's default search interval (T_min, T_max)
+
+
 def fit_temperature(log_px_all: Tensor, y: Tensor, log_py: Tensor | None = None,
-                    bounds: tuple[float, float] = (1e-3, 1e4)) -> float:
+                    bounds: tuple[float, float] = TEMPERATURE_BOUNDS) -> float:
     """The temperature T > 0 minimising the NLL of softmax((log p(x|k) + log p(k)) / T) on (x, y), e.g. validation.
 
     The NLL is convex in 1/T (a mean of logsumexp of linear functions, minus a linear one), so its

@@ -24,9 +24,9 @@ from torch import Tensor
 from ..data import DataConfig, Splits, load_data
 from ..eval import ood
 from ..eval.baselines import GAUSSIAN_METHOD
-from ..eval.metrics import apply_temperature, fit_temperature, reliability_bins
+from ..eval.metrics import TEMPERATURE_BOUNDS, accuracy, apply_temperature, fit_temperature, reliability_bins
 from ..training.io import json_safe
-from ..training.runs import evaluate_seeded, read_tables, write_tables
+from ..training.runs import evaluate_splits, read_tables
 from .analysis import Run, table_cell
 
 __all__ = ["eval_tables", "calibration", "markdown_calibration", "OTHER_DATASET", "FIGURE_TAGS", "ood_sets",
@@ -37,9 +37,6 @@ log = logging.getLogger(__name__)
 # the data set whose images, resampled, are each data set's "other data set" OOD set
 OTHER_DATASET: Mapping[str, str] = {"digits": "fashion-mnist", "fashion-mnist": "digits", "cifar10": "fashion-mnist"}
 FIGURE_TAGS: Mapping[str, str] = {ood.FLOW_METHOD: "flow", GAUSSIAN_METHOD: "gaussian"}  # file-name tags of models
-
-
-TEMPERATURE_BOUNDS = (1e-3, 1e4)  # the search interval of T (metrics.fit_temperature's default)
 
 
 # -- the tables behind a run's metrics -------------------------------------------------------------------
@@ -55,15 +52,9 @@ def eval_tables(run: Run) -> dict[str, Any]:
     if payload is not None and payload.get("checkpoint") == checkpoint and set(payload["splits"]) >= {"val", "test"}:
         return payload
     seed = int(run.metrics.get("eval_seed", run.cfg.train.seed))
-    device = run.model.prior.means.device
     runtime = run.cfg.runtime
-    tables = {}
-    for split in ("val", "test"):
-        metrics, table, y = evaluate_seeded(run.model, getattr(run.data, split), seed, runtime.eval_batch_size, device,
-                                            runtime.eval_draws, with_table=True)
-        tables[split] = (table, y)
-    write_tables(run.run_dir, tables, run.model.prior.log_class_probs, str(checkpoint), seed, metrics["draws"])
-    return read_tables(run.run_dir)
+    return evaluate_splits(run.model, run.data, run.run_dir, str(checkpoint), seed, runtime.eval_batch_size,
+                           run.model.prior.means.device, runtime.eval_draws)[1]
 
 
 # -- calibration -------------------------------------------------------------------------------------------
@@ -92,9 +83,9 @@ def calibration(runs: Mapping[str, Run], n_bins: int = 15,
         log_py, val, test = t["log_py"], t["splits"]["val"], t["splits"]["test"]
         before = reliability_bins(test["table"], test["y"], log_py, n_bins)
         log_post = torch.log_softmax(test["table"] + log_py, 1)
-        row = {"method": name, "accuracy": float((log_post.argmax(1) == test["y"]).double().mean()),
-               "temperature": None, "temperature_at_bound": None, "ece": before["ece"], "ece_scaled": None, "nll": _nll(log_post, test["y"]),
-               "nll_scaled": None, "n": len(test["y"])}
+        row = {"method": name, "accuracy": accuracy(test["table"], test["y"], log_py), "temperature": None,
+               "temperature_at_bound": None, "ece": before["ece"], "ece_scaled": None,
+               "nll": _nll(log_post, test["y"]), "nll_scaled": None, "n": len(test["y"])}
         bins[name] = before
         try:
             temperature = fit_temperature(val["table"], val["y"], log_py, bounds)
@@ -140,7 +131,7 @@ def ood_sets(data: Splits, dataset: str, n: int | None = 1000, seed: int = 0,
     if other is not None:
         try:
             source = load_data(DataConfig(other))
-        except (FileNotFoundError, RuntimeError, OSError, ValueError) as err:  # DatasetNotFoundError is one of these
+        except OSError as err:  # DatasetNotFoundError (a FileNotFoundError), or unreadable files
             notes.append(f"{other} left out of the OOD sets: {err}")
         else:
             size = len(data.test) if n is None else min(n, len(data.test))

@@ -36,7 +36,7 @@ from .io import save_torch, write_json
 __all__ = [
     "RunError", "one_line", "CONFIG", "HISTORY", "METRICS", "parse_set", "read_config_file", "refuse_resume_changes",
     "dataset_info", "check_same_data", "write_json", "write_config", "read_config", "find_checkpoint", "device_or_error",
-    "load_run_model", "evaluate_seeded", "seeded_rng", "TABLES", "write_tables", "read_tables", "merge_config",
+    "load_run_model", "evaluate_seeded", "evaluate_splits", "seeded_rng", "TABLES", "write_tables", "read_tables", "merge_config",
     "train_run", "ensure_run", "read_json", "read_history",
 ]
 
@@ -195,29 +195,43 @@ def load_run_model(run_dir: Path, device: str | None = None) -> tuple[MixtureFlo
 
 def evaluate_seeded(
     model: MixtureFlow, data: Dataset, seed: int, batch_size: int, device: torch.device, draws: int = 1,
-    with_table: bool = False,
-) -> Any:
+) -> dict[str, Any]:
     """metrics.evaluate with the global RNG (dequantisation noise, Hutchinson probes) seeded, then restored.
 
     The same seed gives the same numbers for the same weights and device, so `mixflow evaluate`
-    reproduces the metrics.json that `mixflow train` wrote. with_table: (metrics, table (N, K), labels (N,))
-    (metrics.evaluate_with_table) instead of the metrics alone.
+    reproduces the metrics.json that `mixflow train` wrote.
     """
     with seeded_rng(seed, device):
-        if with_table:
-            return evaluate_with_table(model, data, batch_size, device, draws)
         return evaluate(model, data, batch_size, device, draws)
 
 
+def evaluate_splits(
+    model: MixtureFlow, data: Splits, run_dir: str | Path, checkpoint: str, seed: int, batch_size: int,
+    device: torch.device, draws: int = 1, splits: tuple[str, ...] = ("val", "test"),
+) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """The metrics of each split, seeded as evaluate_seeded (the same numbers), and their tables in run_dir/tables.pt.
+
+    Returns ({split: metrics}, write_tables' payload). The one evaluation behind metrics.json (train_run) and
+    behind a tables.pt computed later for an older run (study.generative.eval_tables).
+    """
+    metrics, tables = {}, {}
+    for split in splits:
+        with seeded_rng(seed, device):
+            metrics[split], *tables[split] = evaluate_with_table(model, getattr(data, split), batch_size, device, draws)
+    payload = write_tables(run_dir, tables, model.prior.log_class_probs, checkpoint, seed, metrics[splits[-1]]["draws"])
+    return metrics, payload
+
+
 def write_tables(run_dir: str | Path, tables: dict[str, tuple[torch.Tensor, torch.Tensor]], log_py: torch.Tensor,
-                 checkpoint: str, seed: int, draws: int) -> Path:
+                 checkpoint: str, seed: int, draws: int) -> dict[str, Any]:
     """run_dir/tables.pt: {"splits": {split: {"table": (N, K) float64 log p(x|k), "y": (N,)}}, "log_py" (K,),
-    "checkpoint", "eval_seed", "draws"} (CPU tensors), written atomically (a temporary file, then renamed)."""
+    "checkpoint", "eval_seed", "draws"} (CPU tensors), written atomically; returns that payload."""
     payload = {"checkpoint": checkpoint, "eval_seed": seed, "draws": draws,
                "log_py": log_py.detach().cpu().double(),
                "splits": {split: {"table": t.detach().cpu().double(), "y": y.detach().cpu().long()}
                           for split, (t, y) in tables.items()}}
-    return save_torch(payload, Path(run_dir) / TABLES)
+    save_torch(payload, Path(run_dir) / TABLES)
+    return payload
 
 
 def read_tables(run_dir: str | Path) -> dict[str, Any] | None:
@@ -303,11 +317,7 @@ def train_run(
     seed, batch, draws = cfg.train.seed, cfg.runtime.eval_batch_size, cfg.runtime.eval_draws
     metrics: dict[str, Any] = {"checkpoint": ckpt.name, "eval_seed": seed, "best_epoch": history.best_epoch,
                                "epochs": len(history.epochs), "stopped": history.stopped}
-    tables = {}
-    for split in ("val", "test"):
-        metrics[split], *tables[split] = evaluate_seeded(model, getattr(data, split), seed, batch, device, draws,
-                                                         with_table=True)
-    write_tables(run_dir, tables, model.prior.log_class_probs, ckpt.name, seed, metrics["test"]["draws"])
+    metrics.update(evaluate_splits(model, data, run_dir, ckpt.name, seed, batch, device, draws)[0])
     write_json(run_dir / METRICS, metrics)
     return history, metrics
 
