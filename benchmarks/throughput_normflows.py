@@ -13,10 +13,14 @@ Mapping of normflows settings (normflows 1.7.3, nf.flows.Residual / nf.nets.Lips
 - gradient: `reduce_memory=False` -> basic estimator, backprop through the 5 VJPs (create_graph)
   = ours with neumann_gradient=False (default). `reduce_memory=True` -> Neumann-series gradient
   computed inside forward (memory-saving) ~ ours with neumann_gradient=True; both are timed.
+- `--estimator roulette`: both sides Russian roulette with 2 exact terms and Geometric(0.5) extra
+  terms (normflows: n_power_series=None, n_exact_terms=2, geom_p=0.5; ours: RussianRoulette()),
+  the estimator our Fashion-MNIST and digits defaults train with.
 - spectral norm: normflows' forward does *no* power iteration (compute_weight(update=False));
   the user calls nf.utils.update_lipschitz(model, n) after each step; we call it with n = 1
-  (`--nf-power-iterations`). Ours: n_power_iterations=1 plus iterations to rtol 1e-4 (default)
-  or exactly 1 (power_rtol=None).
+  (`--nf-power-iterations`). Ours: the default Krylov refresh (12 products with W^T W per layer
+  per step), the previous default (1 power iteration, then more to rtol 1e-4), or exactly 1
+  power iteration (which lets the operator norm drift past coeff; RESULTS.md).
 - architecture differences we cannot remove: normflows' LipschitzMLP puts its (learnable-beta)
   Swish before every linear layer (3 activations: act-lin-act-lin-act-lin) and zero-inits the
   last layer; ours is lin-act-lin-act-lin with a fixed LipSwish. ActNorm: nf.flows.ActNorm((64,)).
@@ -49,6 +53,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import header, loadavg, table  # noqa: E402
 
 from mixflow_core import MLP, Conv, ModelConfig, PowerSeries, PriorConfig, build_model  # noqa: E402
+from mixflow_core.flows.logdet import RussianRoulette  # noqa: E402
 from mixflow_core.data import DataConfig, load_data  # noqa: E402
 from mixflow_core.flows.objectives import likelihood  # noqa: E402
 
@@ -56,10 +61,18 @@ ALPHA = 0.05
 SHAPES = {False: ((64,), 17), True: ((1, 28, 28), 256)}  # --conv: (per-sample shape, levels)
 
 
-def ours(power_rtol: float | None, neumann: bool, class_counts: torch.Tensor, conv: bool):
+SPECTRAL = {  # our per-step spectral-norm rule -> ModelConfig fields
+    "krylov": {},  # the default
+    "rtol": {"krylov_steps": None, "power_rtol": 1e-4},
+    "one": {"krylov_steps": None, "power_rtol": None},
+}
+
+
+def ours(spectral: str, neumann: bool, class_counts: torch.Tensor, conv: bool, estimator: str):
     arch = Conv(channels=32, n_blocks=4, n_scales=1, kernel_size=3) if conv else MLP(hidden=(128, 128), n_blocks=10)
-    cfg = ModelConfig(arch=arch, coeff=0.9, power_rtol=power_rtol,
-                      logdet=PowerSeries(n_terms=5, n_probes=1, neumann_gradient=neumann))
+    logdet = (RussianRoulette(n_exact_terms=2, neumann_gradient=neumann) if estimator == "roulette"
+              else PowerSeries(n_terms=5, n_probes=1, neumann_gradient=neumann))
+    cfg = ModelConfig(arch=arch, coeff=0.9, logdet=logdet, **SPECTRAL[spectral])
     shape, levels = SHAPES[conv]
     model = build_model(shape, 10, levels, cfg, PriorConfig(init="separated"), class_counts)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -75,7 +88,7 @@ def ours(power_rtol: float | None, neumann: bool, class_counts: torch.Tensor, co
     return model, step
 
 
-def theirs(nf, reduce_memory: bool, power_iterations: int, conv: bool):
+def theirs(nf, reduce_memory: bool, power_iterations: int, conv: bool, estimator: str):
     shape, levels = SHAPES[conv]
     flows = []
     for _ in range(4 if conv else 10):
@@ -85,8 +98,10 @@ def theirs(nf, reduce_memory: bool, power_iterations: int, conv: bool):
         else:
             net = nf.nets.LipschitzMLP([64, 128, 128, 64], lipschitz_const=0.9, max_lipschitz_iter=power_iterations,
                                        init_zeros=True)
-        flows += [nf.flows.Residual(net, reduce_memory=reduce_memory, n_power_series=5, exact_trace=False,
-                                    brute_force=False, n_samples=1),
+        series = dict(n_power_series=None, n_exact_terms=2, geom_p=0.5) if estimator == "roulette" else dict(
+            n_power_series=5)
+        flows += [nf.flows.Residual(net, reduce_memory=reduce_memory, exact_trace=False, brute_force=False, n_samples=1,
+                                    **series),
                   nf.flows.ActNorm((1, 1, 1) if conv else (64,))]
     model = nf.ClassCondFlow(nf.distributions.ClassCondDiagGaussian(shape, 10), flows)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -125,6 +140,8 @@ def main() -> None:
     ap.add_argument("--nf-power-iterations", type=int, default=1)
     ap.add_argument("--profile", action="store_true", help="also profile our default step (cProfile + torch.profiler)")
     ap.add_argument("--conv", action="store_true", help="the conv variant at 1x28x28 (see the docstring)")
+    ap.add_argument("--estimator", choices=("series", "roulette"), default="series",
+                    help="log-det estimator on both sides: 5-term series or Russian roulette (2 exact terms)")
     args = ap.parse_args()
     try:
         import normflows as nf
@@ -145,14 +162,17 @@ def main() -> None:
         data = load_data(DataConfig("digits", seed=0))
         x_all, y_all = data.train.tensors
         counts = data.class_counts()
-    c = args.conv
+    c, e = args.conv, args.estimator
+    print(f"log-det estimator on both sides: {e}\n")
     variants = {
-        "mixflow default (power_rtol=1e-4)": ours(1e-4, False, counts, c),
-        "mixflow power_rtol=None (1 power it.)": ours(None, False, counts, c),
-        "normflows reduce_memory=False": theirs(nf, False, args.nf_power_iterations, c),
-        "mixflow default + neumann_gradient": ours(1e-4, True, counts, c),
-        "mixflow power_rtol=None + neumann_gradient": ours(None, True, counts, c),
-        "normflows reduce_memory=True (Neumann grad.)": theirs(nf, True, args.nf_power_iterations, c),
+        "mixflow default (Krylov refresh)": ours("krylov", False, counts, c, e),
+        "mixflow power iteration to rtol 1e-4": ours("rtol", False, counts, c, e),
+        "mixflow 1 power it. (bound not kept)": ours("one", False, counts, c, e),
+        "normflows reduce_memory=False": theirs(nf, False, args.nf_power_iterations, c, e),
+        "mixflow default + neumann_gradient": ours("krylov", True, counts, c, e),
+        "mixflow power it. to rtol 1e-4 + neumann_gradient": ours("rtol", True, counts, c, e),
+        "mixflow 1 power it. + neumann_gradient": ours("one", True, counts, c, e),
+        "normflows reduce_memory=True (Neumann grad.)": theirs(nf, True, args.nf_power_iterations, c, e),
     }
     n_params = {k: sum(p.numel() for p in m.parameters() if p.requires_grad) for k, (m, _) in variants.items()}
     gen = torch.Generator().manual_seed(0)
@@ -188,7 +208,8 @@ def main() -> None:
     print(table(rows))
     print(f"\nload average (1 min) during rounds: min {min(loads):.2f}, max {max(loads):.2f}")
     if args.profile:
-        profile_ours(variants["mixflow default (power_rtol=1e-4)"][1], batch, args.steps)
+        profile_ours(variants["mixflow default + neumann_gradient" if e == "roulette" else
+                              "mixflow default (Krylov refresh)"][1], batch, args.steps)
 
 
 def profile_ours(step, batch, steps: int) -> None:

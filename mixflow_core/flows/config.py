@@ -14,7 +14,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, TypeVar, Union
 
-from .lipschitz import check_coeff
+from .lipschitz import KRYLOV_STEPS, check_coeff, check_krylov_steps
 from .logdet import Estimator, PowerSeries
 from .preprocess import check_alpha
 
@@ -56,8 +56,12 @@ class ModelConfig:
 
     arch: MLP | Conv = MLP()  # MLP for vectors (toy2d, digits), Conv for images
     coeff: float = 0.9  # Lipschitz bound of each spectrally normalised layer, < 1
-    n_power_iterations: int = 1  # power iterations per training step per layer, at least ...
-    power_rtol: float | None = 1e-4  # ... then more until sigma changes < rtol (max 50); None: no more
+    # spectral normalisation per training step: a Krylov subspace of this many products with W^T W per layer
+    # (RESULTS.md "Spectral normalisation per step"); None: power iteration, n_power_iterations, then more until
+    # sigma changes < power_rtol (max 50; power_rtol None: no more)
+    krylov_steps: int | None = KRYLOV_STEPS
+    n_power_iterations: int = 1
+    power_rtol: float | None = 1e-4
     activation: Literal["lipswish", "elu"] = "lipswish"
     actnorm: bool = True  # ActNorm before every residual block
     whiten: bool = False  # a fixed ZCA whitening (S + whiten_ridge I)^-1/2 of the training data first (set by fit)
@@ -73,6 +77,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         check_coeff(self.coeff)
+        check_krylov_steps(self.krylov_steps)
         check_alpha(self.alpha)
         if self.n_power_iterations < 1:
             raise ValueError(f"n_power_iterations must be >= 1, got {self.n_power_iterations}")

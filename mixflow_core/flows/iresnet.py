@@ -198,7 +198,8 @@ def build_mlp_iresnet(dim: int, cfg: ModelConfig) -> IResNet:
         for i, (w_in, w_out) in enumerate(zip(widths[:-1], widths[1:])):
             if i > 0:
                 net.append(_activation(cfg.activation))
-            net.append(SpectralLinear(w_in, w_out, cfg.coeff, cfg.n_power_iterations, power_rtol=cfg.power_rtol))
+            net.append(SpectralLinear(w_in, w_out, cfg.coeff, cfg.n_power_iterations, power_rtol=cfg.power_rtol,
+                                      krylov_steps=cfg.krylov_steps))
         layers.append(_block(nn.Sequential(*net), cfg))
     return IResNet(layers)
 
@@ -224,7 +225,8 @@ def build_conv_iresnet(shape: tuple[int, int, int], cfg: ModelConfig) -> IResNet
             if cfg.actnorm:
                 layers.append(ActNorm(c))
             k, sn = arch.kernel_size, dict(input_hw=(h, w), coeff=cfg.coeff,
-                                           n_power_iterations=cfg.n_power_iterations, power_rtol=cfg.power_rtol)
+                                           n_power_iterations=cfg.n_power_iterations, power_rtol=cfg.power_rtol,
+                                           krylov_steps=cfg.krylov_steps)
             g = nn.Sequential(
                 SpectralConv2d(c, hidden, k, **sn),
                 _activation(cfg.activation),

@@ -1,10 +1,13 @@
 """Lipschitz-constrained layers: W_hat = W / max(1, sigma(W) / c), so Lip(layer) <= c.
 
 sigma(W) is the operator norm (largest singular value) of the *linear map* the layer
-applies, estimated by power iteration whose vectors persist between calls (Miyato et
-al. 2018; Behrmann et al. 2019). For a convolution the map is the convolution operator
-on inputs of a fixed shape, iterated with conv2d / conv_transpose2d, not the reshaped
-kernel matrix (whose norm can be smaller than the operator's by a factor up to k).
+applies, estimated from singular vectors that persist between training steps (Miyato et
+al. 2018; Behrmann et al. 2019). Each training step refines them either by a small Krylov
+(Lanczos) subspace warm-started from v (`krylov_steps`, the default: m products with W^T W,
+Rayleigh-Ritz, no host sync) or by power iteration to a tolerance (`krylov_steps=None`).
+For a convolution the map is the convolution operator on inputs of a fixed shape, applied
+with conv2d / conv_transpose2d, not the reshaped kernel matrix (whose norm can be smaller
+than the operator's by a factor up to k).
 """
 
 from __future__ import annotations
@@ -18,10 +21,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["SpectralLinear", "SpectralConv2d", "LipSwish", "operator_norm", "spectral_layers", "check_coeff",
-           "refresh_spectral_norms", "converge_spectral_norms", "converged_spectral_norms", "power_vectors",
+           "check_krylov_steps", "KRYLOV_STEPS", "refresh_spectral_norms", "converge_spectral_norms", "converged_spectral_norms", "power_vectors",
            "load_power_vectors"]
 
 CHECK_EVERY = 5  # power iterations between two convergence checks of a batched refresh (each check: one host sync)
+KRYLOV_STEPS = 12  # products with W^T W per training step; measured in RESULTS.md "Spectral normalisation per step"
 
 
 def _normalise(v: Tensor, eps: float = 1e-12) -> Tensor:
@@ -32,7 +36,8 @@ class _SpectralNormMixin(nn.Module):
     """Shared power-iteration logic; subclasses define _apply_W and _apply_WT on one vector."""
 
     coeff: float
-    n_power_iterations: int  # at least this many power iterations per training step
+    krylov_steps: int | None  # per training step: a Krylov subspace of this many W^T W products; None: power iteration
+    n_power_iterations: int  # power iteration: at least this many per training step
     power_rtol: float | None  # ... then more until sigma changes by at most this fraction
     max_power_iterations: int  # ... but at most this many more
     u: Tensor  # left singular vector, shape of the output
@@ -40,10 +45,11 @@ class _SpectralNormMixin(nn.Module):
     external_refresh: bool = False  # True: an owner (IResNet) refreshes all its layers at once per training step
 
     def _init_spectral(self, layer: nn.Module, coeff: float, n_power_iterations: int, power_rtol: float | None,
-                       max_power_iterations: int) -> None:
+                       max_power_iterations: int, krylov_steps: int | None) -> None:
         """The shared settings, and weight / bias taken from `layer` (PyTorch's default init)."""
         check_coeff(coeff)
-        self.coeff, self.n_power_iterations = coeff, n_power_iterations
+        check_krylov_steps(krylov_steps)
+        self.coeff, self.n_power_iterations, self.krylov_steps = coeff, n_power_iterations, krylov_steps
         self.power_rtol, self.max_power_iterations = power_rtol, max_power_iterations
         self.weight = nn.Parameter(layer.weight.detach().clone())
         self.bias = nn.Parameter(layer.bias.detach().clone()) if layer.bias is not None else None
@@ -67,24 +73,15 @@ class _SpectralNormMixin(nn.Module):
 
     @torch.no_grad()
     def refresh(self) -> int:
-        """n_power_iterations, then more until sigma settles (relative change <= power_rtol); returns the count.
+        """One training step's update of (u, v): refresh_spectral_norms on this layer alone; returns the products
+        with W^T W it ran (krylov_steps, or the power iterations: n_power_iterations, then more until sigma
+        settles to power_rtol, at most max_power_iterations more).
 
-        Why a tolerance: a fixed count falls behind in training (the top singular vector rotates
-        away from the estimate and the operator norm overshoots coeff); the measurements behind
-        the default rtol 1e-4 are in benchmarks/RESULTS.md, "Spectral normalisation: iterations
-        per step". power_rtol=None turns it off.
+        Why not one power iteration: a fixed small count falls behind in training (the top singular
+        vector rotates away from the estimate and the operator norm overshoots coeff); the measurements
+        are in benchmarks/RESULTS.md, "Spectral normalisation per step".
         """
-        self.power_iterate(self.n_power_iterations)
-        if self.power_rtol is None:
-            return self.n_power_iterations
-        sigma = float(self.sigma())
-        for extra in range(1, self.max_power_iterations + 1):
-            self.power_iterate(1)
-            new = float(self.sigma())
-            if abs(new - sigma) <= self.power_rtol * abs(new):
-                return self.n_power_iterations + extra
-            sigma = new
-        return self.n_power_iterations + self.max_power_iterations
+        return refresh_spectral_norms([self])
 
     def converge(self, rtol: float = 1e-7, max_iterations: int = 2000) -> None:
         """This layer's (u, v) converged for W as it is now, so that W_hat = W / max(1, sigma / c) has operator norm
@@ -109,7 +106,9 @@ class _SpectralNormMixin(nn.Module):
         return self.weight / factor
 
     def extra_repr(self) -> str:
-        return f"coeff={self.coeff}, n_power_iterations={self.n_power_iterations}"
+        if self.krylov_steps is not None:
+            return f"coeff={self.coeff}, krylov_steps={self.krylov_steps}"
+        return f"coeff={self.coeff}, n_power_iterations={self.n_power_iterations}, power_rtol={self.power_rtol}"
 
 
 class SpectralLinear(_SpectralNormMixin):
@@ -124,11 +123,12 @@ class SpectralLinear(_SpectralNormMixin):
         bias: bool = True,
         power_rtol: float | None = 1e-4,
         max_power_iterations: int = 50,
+        krylov_steps: int | None = KRYLOV_STEPS,
     ) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self._init_spectral(nn.Linear(in_features, out_features, bias=bias), coeff, n_power_iterations, power_rtol,
-                            max_power_iterations)
+                            max_power_iterations, krylov_steps)
         self.register_buffer("u", _normalise(torch.randn(out_features)))
         self.register_buffer("v", _normalise(torch.randn(in_features)))
         self.power_iterate(20)  # start from a converged estimate
@@ -157,6 +157,7 @@ class SpectralConv2d(_SpectralNormMixin):
         bias: bool = True,
         power_rtol: float | None = 1e-4,
         max_power_iterations: int = 50,
+        krylov_steps: int | None = KRYLOV_STEPS,
     ) -> None:
         super().__init__()
         check_coeff(coeff)  # before anything else: the message names the coefficient
@@ -166,7 +167,7 @@ class SpectralConv2d(_SpectralNormMixin):
         self.kernel_size, self.padding = kernel_size, kernel_size // 2
         self.input_hw = tuple(input_hw)
         layer = nn.Conv2d(in_channels, out_channels, kernel_size, padding=self.padding, bias=bias)
-        self._init_spectral(layer, coeff, n_power_iterations, power_rtol, max_power_iterations)
+        self._init_spectral(layer, coeff, n_power_iterations, power_rtol, max_power_iterations, krylov_steps)
         h, w = self.input_hw
         self.register_buffer("u", _normalise(torch.randn(1, out_channels, h, w)))
         self.register_buffer("v", _normalise(torch.randn(1, in_channels, h, w)))
@@ -208,6 +209,13 @@ def check_coeff(coeff: float) -> None:
     """The one check of a Lipschitz coefficient (layers and ModelConfig): 0 < c < 1 keeps x + g(x) invertible."""
     if not 0.0 < coeff < 1.0:
         raise ValueError(f"coeff (the Lipschitz bound) must lie in (0, 1) for invertibility, got {coeff}")
+
+
+def check_krylov_steps(krylov_steps: int | None) -> None:
+    """The one check of krylov_steps (layers and ModelConfig): None, or at least 2 products (one is power iteration)."""
+    if krylov_steps is not None and (isinstance(krylov_steps, bool) or not isinstance(krylov_steps, int)
+                                     or krylov_steps < 2):
+        raise ValueError(f"krylov_steps must be an integer >= 2 (or None for power iteration), got {krylov_steps!r}")
 
 
 def spectral_layers(module: nn.Module) -> list[_SpectralNormMixin]:
@@ -275,6 +283,38 @@ class _Group:
                 break
         return count
 
+    def krylov(self, steps: int) -> None:
+        """Every member's (u, v) from a Krylov subspace of A = W^T W warm-started from its v (Lanczos with full
+        re-orthogonalisation): q_0 = v, q_j = the part of A q_{j-1} orthogonal to q_0..q_{j-1}, normalised; then
+        Rayleigh-Ritz: v = the top eigenvector of Q A Q^T mapped back, u = W v / ||W v||. The subspace holds the
+        power iterates v, Av, ..., A^(m-1) v, so sigma = ||W v|| is at least what m - 1 power iterations from the same
+        v reach, and at most sigma_max; with clustered top singular values it converges far faster. No host sync.
+        """
+        g, shape = len(self.layers), self.v.shape
+        v = self.v.flatten(1)
+        m = min(steps, v.shape[1])  # at most dim(v) orthonormal directions
+        basis, images = v.new_zeros(g, m, v.shape[1]), v.new_zeros(g, m, v.shape[1])
+        q = v / (v.norm(dim=1, keepdim=True) + 1e-12)
+        for j in range(m):
+            basis[:, j] = q
+            aq = self._apply_WT(self._apply_W(q.view(shape))).flatten(1)
+            images[:, j] = aq
+            if j + 1 == m:
+                break
+            span, w = basis[:, : j + 1], aq
+            for _ in range(2):  # classical Gram-Schmidt twice: orthogonal to float precision
+                w = w - torch.matmul(torch.matmul(span, w.unsqueeze(2)).transpose(1, 2), span).squeeze(1)
+            norm = w.norm(dim=1, keepdim=True)
+            # a direction within rounding of the span (invariant subspace; v converged) adds nothing: leave it zero
+            keep = norm > 1e-5 * aq.norm(dim=1, keepdim=True)
+            q = torch.where(keep, w / norm.clamp_min(1e-30), torch.zeros_like(w))
+        h = torch.matmul(basis, images.transpose(1, 2)).double()  # Q A Q^T, (G, m, m)
+        _, vectors = torch.linalg.eigh((h + h.transpose(1, 2)) / 2)
+        top = vectors[:, :, -1].to(v.dtype)
+        v = torch.matmul(top.unsqueeze(1), basis).squeeze(1)
+        self.v = self._normalise(v).view(shape)
+        self.u = self._normalise(self._apply_W(self.v))
+
     def write_back(self) -> None:
         for i, layer in enumerate(self.layers):
             layer.u.copy_(self.u[i].view_as(layer.u))
@@ -287,7 +327,7 @@ def _groups(layers: list[_SpectralNormMixin]) -> list[_Group]:
     keyed: dict[tuple, list[_SpectralNormMixin]] = {}
     for layer in layers:
         key = (type(layer), tuple(layer.weight.shape), getattr(layer, "input_hw", None), getattr(layer, "padding", None),
-               layer.weight.dtype, layer.weight.device, layer.n_power_iterations, layer.power_rtol,
+               layer.weight.dtype, layer.weight.device, layer.krylov_steps, layer.n_power_iterations, layer.power_rtol,
                layer.max_power_iterations)
         keyed.setdefault(key, []).append(layer)
     return [_Group(members) for members in keyed.values()]
@@ -295,16 +335,22 @@ def _groups(layers: list[_SpectralNormMixin]) -> list[_Group]:
 
 @torch.no_grad()
 def refresh_spectral_norms(layers: list[_SpectralNormMixin], check_every: int = CHECK_EVERY) -> int:
-    """One training step's power iterations for many spectral layers at once; returns the most any group ran.
+    """One training step's update of (u, v) for many spectral layers at once, batched over layers of equal shape;
+    returns the most products with W^T W any group ran.
 
-    The same rule as each layer's `refresh` (n_power_iterations, then more until sigma settles to
-    power_rtol, at most max_power_iterations more), batched over layers of equal shape, with the
-    convergence read on the host once every `check_every` iterations per group instead of after
-    every iteration of every layer. A member may iterate a few times past its own tolerance.
+    Layers with krylov_steps: `_Group.krylov` (one Krylov subspace per member, no host sync).
+    Otherwise power iteration: n_power_iterations, then more until sigma settles to power_rtol (at
+    most max_power_iterations more), the convergence read on the host once every `check_every`
+    iterations per group; a member may iterate a few times past its own tolerance.
     """
     most = 0
     for group in _groups(layers):
         first = group.layers[0]
+        if first.krylov_steps is not None:
+            group.krylov(first.krylov_steps)
+            group.write_back()
+            most = max(most, first.krylov_steps)
+            continue
         sigma = None
         for _ in range(first.n_power_iterations):
             sigma = group.iterate()

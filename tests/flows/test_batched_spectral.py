@@ -1,4 +1,5 @@
-"""Batched spectral normalisation: the same power iteration as each layer's own, fewer calls, few host syncs."""
+"""Batched spectral normalisation: the same power iteration / Krylov refresh as each layer's own, fewer calls, few
+host syncs; the Krylov refresh between m - 1 power iterations and the exact operator norm."""
 
 import copy
 import math
@@ -29,9 +30,9 @@ def _perturb(layers, scale=0.3, seed=1):
             layer.weight.add_(scale * torch.randn(layer.weight.shape, generator=g))
 
 
-def _mixed_layers(n_power_iterations=3, power_rtol=None):
+def _mixed_layers(n_power_iterations=3, power_rtol=None, krylov_steps=None):
     """Three convs and three linears of one shape each, plus a conv of another shape: three groups."""
-    sn = dict(n_power_iterations=n_power_iterations, power_rtol=power_rtol)
+    sn = dict(n_power_iterations=n_power_iterations, power_rtol=power_rtol, krylov_steps=krylov_steps)
     layers = [SpectralConv2d(2, 3, 3, (5, 5), **sn) for _ in range(3)]
     layers += [SpectralLinear(6, 4, **sn) for _ in range(3)]
     layers.append(SpectralConv2d(3, 3, 1, (4, 4), **sn))
@@ -47,6 +48,16 @@ def test_batched_refresh_equals_each_layers_own_iterations():
         layer.refresh()
     for a, b in zip(batched, single):
         assert torch.allclose(a.u, b.u, atol=1e-12) and torch.allclose(a.v, b.v, atol=1e-12)
+
+
+def test_batched_krylov_refresh_equals_each_layers_own():
+    batched = _mixed_layers(krylov_steps=6)
+    single = copy.deepcopy(batched)
+    assert refresh_spectral_norms(batched) == 6
+    for layer in single:
+        assert layer.refresh() == 6
+    for a, b in zip(batched, single):
+        assert torch.allclose(a.u, b.u, atol=1e-6) and torch.allclose(a.v, b.v, atol=1e-6)
 
 
 def _exact_sigma(layer) -> float:
@@ -74,6 +85,66 @@ def test_batched_refresh_to_tolerance_is_at_least_as_converged_as_per_layer():
         assert got >= exact * (1 - 1e-2)
 
 
+@pytest.mark.parametrize("m", [2, 4, 8])
+def test_krylov_sigma_lies_between_m_minus_1_power_iterations_and_the_exact_norm(m):
+    """The Krylov space from v holds A^(m-1) v, so its Rayleigh-Ritz sigma is at least the power iterate's and at most
+    sigma_max; (u, v) stay unit vectors with u = W v / ||W v||, so u^T W v = ||W v|| is the sigma the layer uses."""
+    krylov = _mixed_layers(krylov_steps=m)
+    power = copy.deepcopy(krylov)
+    refresh_spectral_norms(krylov)
+    for layer in power:
+        layer.power_iterate(m - 1)
+    for a, b in zip(krylov, power):
+        with torch.no_grad():
+            got, iterated = float(a.sigma()), float(b.sigma())
+            assert float(a.u.norm()) == pytest.approx(1.0, abs=1e-10) and float(a.v.norm()) == pytest.approx(1.0, abs=1e-10)
+            assert got == pytest.approx(float(a._apply_W(a.v, a.weight).norm()), rel=1e-10)
+        assert iterated * (1 - 1e-12) <= got <= _exact_sigma(a) * (1 + 1e-12)
+
+
+def test_krylov_is_exact_once_the_subspace_spans_the_input():
+    """m >= dim(v): the subspace is the whole input space (or an invariant subspace holding v), so sigma is exact;
+    a request for more directions than exist is capped, not an error."""
+    layers = [SpectralLinear(6, 4, krylov_steps=6), SpectralLinear(3, 5, krylov_steps=12),
+              SpectralConv2d(1, 2, 3, (2, 2), krylov_steps=12)]
+    _perturb(layers)
+    refresh_spectral_norms(layers)
+    for layer in layers:
+        with torch.no_grad():
+            assert float(layer.sigma()) == pytest.approx(_exact_sigma(layer), rel=1e-10)
+
+
+def test_krylov_converges_where_power_iteration_crawls():
+    """Two nearly equal top singular values (ratio 0.999): power iteration barely moves a v that mixes them, the
+    Krylov refresh with 3 products lands on sigma_max to 1e-8."""
+    layer = SpectralLinear(8, 8, krylov_steps=3)
+    power = SpectralLinear(8, 8, krylov_steps=None, n_power_iterations=3, power_rtol=None)
+    q = torch.linalg.qr(torch.randn(8, 8, generator=torch.Generator().manual_seed(0)))[0]
+    s = torch.tensor([1.0, 0.999, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05])
+    for a in (layer, power):
+        with torch.no_grad():
+            a.weight.copy_(q @ torch.diag(s) @ q.T)
+            a.v.copy_(F.normalize(q[:, 1] + 0.3 * q[:, 0] + 0.3 * q[:, 2], dim=0))
+    refresh_spectral_norms([layer])
+    power.refresh()
+    with torch.no_grad():
+        assert float(layer.sigma()) == pytest.approx(1.0, abs=1e-8)
+        assert float(power.sigma()) < 1.0 - 1e-3
+
+
+def test_krylov_refresh_needs_no_host_sync():
+    assert _syncs_per_training_step(4, None, krylov_steps=12) == _syncs_per_training_step(1, None, krylov_steps=12)
+    assert _syncs_per_training_step(4, None, krylov_steps=12) == _syncs_per_training_step(4, None)
+
+
+def test_bad_krylov_steps_raise():
+    for bad in (0, 1, -3, 2.5, True):
+        with pytest.raises(ValueError, match="krylov_steps"):
+            SpectralLinear(3, 3, krylov_steps=bad)
+        with pytest.raises(ValueError, match="krylov_steps"):
+            ModelConfig(krylov_steps=bad)
+
+
 def test_converge_spectral_norms_batched_reaches_the_exact_operator_norm():
     """Linear layers: exact (SVD). Convolutions: power iteration to a 1e-7 change per iteration, at least as close to the
     exact norm as each layer's own converge(), which stops by the same rule."""
@@ -97,7 +168,7 @@ def _conv_flow(n_blocks: int, **kw) -> IResNet:
 
 
 def test_iresnet_refreshes_once_per_training_forward_and_never_in_eval():
-    flow = _conv_flow(2, n_power_iterations=2, power_rtol=None)
+    flow = _conv_flow(2, n_power_iterations=2, power_rtol=None, krylov_steps=None)
     assert all(layer.external_refresh for layer in spectral_layers(flow))
     reference = copy.deepcopy(flow)
     x = torch.randn(4, 1, 8, 8)
@@ -131,10 +202,10 @@ class _CountSyncs(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def _syncs_per_training_step(n_blocks: int, power_rtol) -> int:
+def _syncs_per_training_step(n_blocks: int, power_rtol, krylov_steps=None) -> int:
     torch.manual_seed(0)
     cfg = ModelConfig(arch=Conv(channels=4, n_blocks=n_blocks, n_scales=2, kernel_size=3),
-                      logdet=PowerSeries(n_terms=2), power_rtol=power_rtol)
+                      logdet=PowerSeries(n_terms=2), power_rtol=power_rtol, krylov_steps=krylov_steps)
     model = build_model((1, 8, 8), 3, 4, cfg, PriorConfig())
     x, y = torch.randint(0, 4, (6, 1, 8, 8)), torch.tensor([0, 1, 2, 0, 1, 2])
     objective = TrainConfig().objective
@@ -156,7 +227,7 @@ def test_tolerance_checks_cost_a_sync_per_group_every_few_iterations_not_per_lay
 
     fixed = _syncs_per_training_step(4, None)
     checked = _syncs_per_training_step(4, 1e-4)
-    flow = _conv_flow(4)
+    flow = _conv_flow(4, krylov_steps=None)
     groups = len({(type(m), tuple(m.weight.shape), m.input_hw) for m in spectral_layers(flow)})
     assert checked - fixed <= groups * math.ceil(flow.layers[1].g[0].max_power_iterations / CHECK_EVERY)
     # the per-layer rule read sigma after every extra iteration of every layer (>= 1 read per layer per step)

@@ -122,9 +122,11 @@ def test_conv_operator_norm_exceeds_kernel_matrix_norm():
 # (c) bound survives adversarial training -------------------------------------------------------
 
 
+@pytest.mark.parametrize("krylov_steps", [12, None], ids=["krylov", "power"])
 @pytest.mark.parametrize("make", [_linear, _conv], ids=["linear", "conv"])
-def test_bound_holds_after_adam_steps_that_grow_weights(make):
+def test_bound_holds_after_adam_steps_that_grow_weights(make, krylov_steps):
     layer = make(n_power_iterations=1)
+    layer.krylov_steps = krylov_steps
     layer.train()
     opt = torch.optim.Adam(layer.parameters(), lr=1e-2)
     raw_before = float(layer.weight.detach().norm())
@@ -144,7 +146,7 @@ def test_bound_holds_after_adam_steps_that_grow_weights(make):
 @pytest.mark.parametrize("make", [_linear, _conv], ids=["linear", "conv"])
 def test_training_step_reconverges_sigma_after_weight_change(make):
     layer = _perturbed(make)  # the stored vectors belong to the old weight
-    layer.power_rtol, layer.max_power_iterations = 1e-9, 2000  # tighter than the default 1e-4
+    layer.krylov_steps, layer.power_rtol, layer.max_power_iterations = None, 1e-9, 2000  # tighter than the default 1e-4
     layer.train()
     layer(_input(layer))
     with torch.no_grad():
@@ -263,8 +265,8 @@ def test_buffers_refresh_in_training_step(make):
 @pytest.mark.parametrize("make", [_linear, _conv], ids=["linear", "conv"])
 def test_refresh_iteration_count_follows_tolerance(make):
     layer = _perturbed(make)
-    layer.power_rtol = None  # exactly n_power_iterations, the classic one-step update
+    layer.krylov_steps, layer.power_rtol = None, None  # power iteration: exactly n_power_iterations, the classic update
     assert layer.refresh() == 1
     layer = _perturbed(make)
-    layer.power_rtol, layer.max_power_iterations = 1e-12, 7
+    layer.krylov_steps, layer.power_rtol, layer.max_power_iterations = None, 1e-12, 7
     assert layer.refresh() == 1 + 7  # cannot settle to 1e-12 within 7 more: stops at the cap
