@@ -4,7 +4,7 @@ sigma(W) is the operator norm (largest singular value) of the *linear map* the l
 applies, estimated from singular vectors that persist between training steps (Miyato et
 al. 2018; Behrmann et al. 2019). Each training step refines them either by a small Krylov
 (Lanczos) subspace warm-started from v (`krylov_steps`, the default: m products with W^T W,
-Rayleigh-Ritz, no host sync) or by power iteration to a tolerance (`krylov_steps=None`).
+Rayleigh-Ritz, no tolerance test) or by power iteration to a tolerance (`krylov_steps=None`).
 For a convolution the map is the convolution operator on inputs of a fixed shape, applied
 with conv2d / conv_transpose2d, not the reshaped kernel matrix (whose norm can be smaller
 than the operator's by a factor up to k).
@@ -288,7 +288,8 @@ class _Group:
         re-orthogonalisation): q_0 = v, q_j = the part of A q_{j-1} orthogonal to q_0..q_{j-1}, normalised; then
         Rayleigh-Ritz: v = the top eigenvector of Q A Q^T mapped back, u = W v / ||W v||. The subspace holds the
         power iterates v, Av, ..., A^(m-1) v, so sigma = ||W v|| is at least what m - 1 power iterations from the same
-        v reach, and at most sigma_max; with clustered top singular values it converges far faster. No host sync.
+        v reach, and at most sigma_max; with clustered top singular values it converges far faster. No value is read
+        on the host (on CUDA, eigh may check its error flag).
         """
         g, shape = len(self.layers), self.v.shape
         v = self.v.flatten(1)

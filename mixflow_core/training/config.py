@@ -218,6 +218,14 @@ def apply_overrides(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
 _OLD_RUNTIME = {f.name for f in dataclasses.fields(RuntimeConfig)}
 
 
+def _upgrade_spectral(d: dict[str, Any]) -> dict[str, Any]:
+    model = d.get("model")
+    if not (isinstance(model, dict) and "power_rtol" in model and "krylov_steps" not in model):
+        return d
+    logger.info("model.power_rtol without model.krylov_steps: the power-iteration rule (krylov_steps = None)")
+    return {**d, "model": {**model, "krylov_steps": None}}
+
+
 def _upgrade_model(m: dict[str, Any]) -> dict[str, Any]:
     m = dict(m)
     arch = m.pop("arch", "mlp")
@@ -246,7 +254,13 @@ def _upgrade_model(m: dict[str, Any]) -> dict[str, Any]:
 
 def upgrade(d: dict[str, Any]) -> dict[str, Any]:
     """A config dict as mixflow 0.1 wrote it (flat estimator / objective fields, epochs etc. in train,
-    prior.init "seed") in today's shape; today's dicts pass unchanged."""
+    prior.init "seed") in today's shape; today's dicts pass unchanged.
+
+    A model section that names power_rtol but not krylov_steps was written before the Krylov
+    refresh existed (a saved config holds every field) or asks for the power-iteration rule
+    by its tolerance: krylov_steps = None, the rule it trained or means to train with.
+    """
+    d = _upgrade_spectral(d)
     model, train = d.get("model"), d.get("train")
     # 0.1 wrote every field (dataclasses.asdict): its model always had "hidden", its train "beta"
     old_model = isinstance(model, dict) and any(k in model for k in ("hidden", "n_terms", "eval_n_terms"))

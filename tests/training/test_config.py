@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from mixflow_core import MLP, Conv, Exact, Hybrid, Likelihood, PowerSeries, PushAway, RussianRoulette
+from mixflow_core import MLP, Conv, Exact, Hybrid, Likelihood, ModelConfig, PowerSeries, PushAway, RussianRoulette
 from mixflow_core.training.config import RunConfig, RuntimeConfig, TrainConfig, apply_overrides, flatten, \
     resume_conflicts, upgrade
 from mixflow_core.training.profiles import DATASETS, PROFILES, get_profile
@@ -122,8 +122,21 @@ def test_train_and_runtime_partition_the_old_train_config():
 def test_a_v0_1_config_json_reads_as_the_same_run():
     saved = json.loads((FIXTURES / "digits-smoke-config.json").read_text())
     cfg = RunConfig.from_dict({k: v for k, v in saved.items() if k in ("data", "model", "prior", "train")})
-    # the smoke profile, as 0.1 wrote it (0.1 evaluated in batches of 500, today's default is 128: a runtime field)
-    assert cfg == dataclasses.replace(SMOKE, runtime=dataclasses.replace(SMOKE.runtime, eval_batch_size=500))
+    # the smoke profile, as 0.1 wrote it (0.1 evaluated in batches of 500, today's default is 128: a runtime field;
+    # 0.1 refreshed the spectral norms by power iteration to a tolerance, today's default is the Krylov refresh)
+    assert cfg == dataclasses.replace(SMOKE, runtime=dataclasses.replace(SMOKE.runtime, eval_batch_size=500),
+                                      model=dataclasses.replace(SMOKE.model, krylov_steps=None))
+
+
+def test_a_config_saved_before_the_krylov_refresh_reads_as_power_iteration():
+    """Saved configs hold every field: power_rtol without krylov_steps was written before krylov_steps existed, and
+    trained with the power-iteration rule; a partial config naming only power_rtol means that rule too."""
+    today = get_profile("digits", "default").to_dict()
+    before = {**today, "model": {k: v for k, v in today["model"].items() if k != "krylov_steps"}}
+    assert RunConfig.from_dict(before).model.krylov_steps is None
+    assert RunConfig.from_dict(today).model.krylov_steps == 12  # today's dicts pass unchanged
+    assert RunConfig.from_dict({"model": {"power_rtol": 1e-3}}).model == ModelConfig(power_rtol=1e-3, krylov_steps=None)
+    assert RunConfig.from_dict({"model": {"coeff": 0.8}}).model.krylov_steps == 12
 
 
 def test_upgrade_converts_every_v0_1_field():
