@@ -6,6 +6,7 @@ import datetime
 import os
 import platform
 import sys
+import time
 
 import torch
 
@@ -46,3 +47,13 @@ def loadavg() -> float:
         return os.getloadavg()[0]
     except OSError:
         return float("nan")
+
+
+def timed(f, spent: list[float]):
+    """f, wrapped to add its wall-clock seconds per call to spent[0] (for monkeypatching a library function)."""
+    def wrapper(*args, **kwargs):
+        t0 = time.perf_counter()
+        out = f(*args, **kwargs)
+        spent[0] += time.perf_counter() - t0
+        return out
+    return wrapper

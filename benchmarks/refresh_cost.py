@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import header, table  # noqa: E402
+from _common import header, table, timed  # noqa: E402
 
 import mixflow_core.flows.iresnet as iresnet  # noqa: E402
 import mixflow_core.flows.lipschitz as lipschitz  # noqa: E402
@@ -40,12 +40,7 @@ def training(steps: int) -> dict:
     spent, members = [0.0], []
     refresh, iterate = iresnet.refresh_spectral_norms, lipschitz._Group.iterate
 
-    def timed_refresh(layers):
-        t0 = time.perf_counter()
-        out = refresh(layers)
-        spent[0] += time.perf_counter() - t0
-        return out
-
+    timed_refresh = timed(refresh, spent)
     def counted_iterate(group):
         members.append(len(group.layers))
         return iterate(group)

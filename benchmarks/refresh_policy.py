@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import header, loadavg, table  # noqa: E402
+from _common import header, loadavg, table, timed  # noqa: E402
 
 import mixflow_core.flows.iresnet as iresnet  # noqa: E402
 from mixflow_core import build_model  # noqa: E402
@@ -73,12 +73,7 @@ def run(label: str, settings: dict, steps: int) -> dict:
     spent = [0.0]
     refresh = iresnet.refresh_spectral_norms
 
-    def timed_refresh(group_layers):
-        t0 = time.perf_counter()
-        out = refresh(group_layers)
-        spent[0] += time.perf_counter() - t0
-        return out
-
+    timed_refresh = timed(refresh, spent)
     iresnet.refresh_spectral_norms = timed_refresh
     opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
     gen = torch.Generator().manual_seed(0)

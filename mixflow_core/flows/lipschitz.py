@@ -283,13 +283,13 @@ class _Group:
                 break
         return count
 
-    def krylov(self, steps: int) -> None:
+    def krylov(self, steps: int) -> int:
         """Every member's (u, v) from a Krylov subspace of A = W^T W warm-started from its v (Lanczos with full
         re-orthogonalisation): q_0 = v, q_j = the part of A q_{j-1} orthogonal to q_0..q_{j-1}, normalised; then
         Rayleigh-Ritz: v = the top eigenvector of Q A Q^T mapped back, u = W v / ||W v||. The subspace holds the
         power iterates v, Av, ..., A^(m-1) v, so sigma = ||W v|| is at least what m - 1 power iterations from the same
         v reach, and at most sigma_max; with clustered top singular values it converges far faster. No value is read
-        on the host (on CUDA, eigh may check its error flag).
+        on the host (on CUDA, eigh may check its error flag). Returns the products run: min(steps, dim(v)).
         """
         g, shape = len(self.layers), self.v.shape
         v = self.v.flatten(1)
@@ -315,6 +315,7 @@ class _Group:
         v = torch.matmul(top.unsqueeze(1), basis).squeeze(1)
         self.v = self._normalise(v).view(shape)
         self.u = self._normalise(self._apply_W(self.v))
+        return m
 
     def write_back(self) -> None:
         for i, layer in enumerate(self.layers):
@@ -348,9 +349,9 @@ def refresh_spectral_norms(layers: list[_SpectralNormMixin], check_every: int = 
     for group in _groups(layers):
         first = group.layers[0]
         if first.krylov_steps is not None:
-            group.krylov(first.krylov_steps)
+            ran = group.krylov(first.krylov_steps)  # capped at dim(v)
             group.write_back()
-            most = max(most, first.krylov_steps)
+            most = max(most, ran)
             continue
         sigma = None
         for _ in range(first.n_power_iterations):
