@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import header, table  # noqa: E402
 
 from mixflow_core import build_model  # noqa: E402
-from mixflow_core.flows.lipschitz import converged_spectral_norms  # noqa: E402
+from mixflow_core.flows.iresnet.lipschitz import converged_spectral_norms  # noqa: E402
 from mixflow_core.training.config import apply_overrides  # noqa: E402
 from mixflow_core.training.profiles import get_profile  # noqa: E402
 

@@ -89,7 +89,7 @@ def train_flow(cfg, data, seed: int, eval_logdet: str) -> dict:
     test = evaluate(model, data.test)
     eval_s = time.perf_counter() - t0
     val = evaluate(model, data.val)
-    from mixflow_core.flows.lipschitz import operator_norm, spectral_layers
+    from mixflow_core.flows.iresnet.lipschitz import operator_norm, spectral_layers
 
     max_sigma = max(operator_norm(layer) for layer in spectral_layers(model))  # constraint coeff per layer
     return {

@@ -25,7 +25,7 @@ from _common import header, loadavg, table  # noqa: E402
 from mixflow_core import build_model  # noqa: E402
 from mixflow_core.data import load_data  # noqa: E402
 from mixflow_core.eval.metrics import evaluate  # noqa: E402
-from mixflow_core.flows.lipschitz import converge_spectral_norms  # noqa: E402
+from mixflow_core.flows.iresnet.lipschitz import converge_spectral_norms  # noqa: E402
 from mixflow_core.training.profiles import get_profile  # noqa: E402
 from mixflow_core.training.runs import load_run_model  # noqa: E402
 

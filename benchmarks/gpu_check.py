@@ -496,8 +496,8 @@ class Check:
         operator norm by an independent power iteration, after converge) and the inverse error; then the host syncs of
         one training step (CUDA's sync debug mode)."""
         from mixflow_core.data import load_data
-        from mixflow_core.flows.iresnet import PRECISIONS, training_precision
-        from mixflow_core.flows.lipschitz import converge_spectral_norms, operator_norm, spectral_layers
+        from mixflow_core.flows.layers import PRECISIONS, training_precision
+        from mixflow_core.flows.iresnet.lipschitz import converge_spectral_norms, operator_norm, spectral_layers
         from mixflow_core.flows.model import build_model
         from mixflow_core.training.config import apply_overrides
         from mixflow_core.training.fit import inverse_error

@@ -26,7 +26,7 @@ from _common import header, table  # noqa: E402
 
 from mixflow_core.data import load_data  # noqa: E402
 from mixflow_core.flows.iresnet import ResidualBlock  # noqa: E402
-from mixflow_core.flows.logdet import Exact  # noqa: E402
+from mixflow_core.flows.iresnet.logdet import Exact  # noqa: E402
 from mixflow_core.training.runs import load_run_model  # noqa: E402
 
 

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import header, table, timed  # noqa: E402
 
 import mixflow_core.flows.iresnet as iresnet  # noqa: E402
-import mixflow_core.flows.lipschitz as lipschitz  # noqa: E402
+import mixflow_core.flows.iresnet.lipschitz as lipschitz  # noqa: E402
 from mixflow_core import build_model  # noqa: E402
 from mixflow_core.data import load_data  # noqa: E402
 from mixflow_core.training.config import apply_overrides  # noqa: E402

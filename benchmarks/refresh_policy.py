@@ -29,7 +29,7 @@ from _common import header, loadavg, table, timed  # noqa: E402
 import mixflow_core.flows.iresnet as iresnet  # noqa: E402
 from mixflow_core import build_model  # noqa: E402
 from mixflow_core.data import load_data  # noqa: E402
-from mixflow_core.flows.lipschitz import spectral_layers  # noqa: E402
+from mixflow_core.flows.iresnet.lipschitz import spectral_layers  # noqa: E402
 from mixflow_core.training.profiles import get_profile  # noqa: E402
 
 # label -> the spectral layers' per-step settings: power iteration (n iterations, then more until sigma settles to

@@ -53,7 +53,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import header, loadavg, table  # noqa: E402
 
 from mixflow_core import MLP, Conv, ModelConfig, PowerSeries, PriorConfig, build_model  # noqa: E402
-from mixflow_core.flows.logdet import RussianRoulette  # noqa: E402
+from mixflow_core.flows.iresnet.logdet import RussianRoulette  # noqa: E402
 from mixflow_core.data import DataConfig, load_data  # noqa: E402
 from mixflow_core.flows.objectives import likelihood  # noqa: E402
 

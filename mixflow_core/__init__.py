@@ -1,4 +1,4 @@
-"""mixflow: normalizing flows (invertible residual networks) with a class-conditional Gaussian mixture prior.
+"""mixflow: normalizing flows (i-ResNets and coupling flows) with a class-conditional Gaussian mixture prior.
 
 The package root re-exports the thin core, mixflow_core.flows (build_model, MixtureFlow, the
 configs, layers, estimators, objectives, prior); the layers above it (data, eval, training,

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor, nn
 
-from mixflow_core.flows.lipschitz import LipSwish, SpectralConv2d, SpectralLinear
+from mixflow_core.flows.iresnet.lipschitz import LipSwish, SpectralConv2d, SpectralLinear
 
 __all__ = [
     "exact_flow_logdet", "exact_residual_logdet", "mlp_g", "conv_g", "off_centre_data", "initialised_eval", "free_port",

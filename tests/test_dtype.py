@@ -25,7 +25,7 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 from torch.utils.data import Subset, TensorDataset
 
-from mixflow_core import MLP, Conv, Exact, MixtureFlow, ModelConfig, PowerSeries, PriorConfig, RussianRoulette, build_model
+from mixflow_core import MLP, Conv, CouplingConv, CouplingMLP, Exact, MixtureFlow, ModelConfig, PowerSeries, PriorConfig, RussianRoulette, build_model
 from mixflow_core.data import DataConfig, Splits, load_data
 from mixflow_core.eval.diagnostics import latents
 from mixflow_core.eval.metrics import evaluate, log_likelihood_table
@@ -74,7 +74,7 @@ class DefaultDtypeAudit(TorchFunctionMode):
 def test_the_audit_sees_a_default_dtype_tensor_made_by_package_code():
     """The audit itself: a package function that makes a default-dtype tensor is reported, one that passes a dtype
     or copies a tensor's is not (guards against an audit that records nothing)."""
-    from mixflow_core.flows import logdet
+    from mixflow_core.flows.iresnet import logdet
 
     audit = DefaultDtypeAudit()
     code = compile("def made_here(x):\n    return torch.zeros(3), torch.zeros(3, dtype=x.dtype), torch.as_tensor(x)\n",
@@ -83,7 +83,7 @@ def test_the_audit_sees_a_default_dtype_tensor_made_by_package_code():
     exec(code, namespace)
     with audit:
         namespace["made_here"](torch.ones(2, dtype=torch.float32))
-    assert list(audit.sites) == [("flows/logdet.py", 2, "zeros")], audit.sites
+    assert list(audit.sites) == [("flows/iresnet/logdet.py", 2, "zeros")], audit.sites
 
 
 @pytest.fixture(params=CASES, ids=CASE_IDS)
@@ -127,6 +127,8 @@ VECTOR = ModelConfig(arch=MLP(hidden=(16,), n_blocks=2), logdet=PowerSeries(n_te
                      whiten=True)
 IMAGE = ModelConfig(arch=Conv(channels=4, n_blocks=1, n_scales=2),
                     logdet=RussianRoulette(n_exact_terms=2, neumann_gradient=True))
+COUPLING_VECTOR = ModelConfig(arch=CouplingMLP(hidden=(16,), n_steps=2), whiten=True)
+COUPLING_IMAGE = ModelConfig(arch=CouplingConv(channels=4, n_steps=1, n_scales=2, factor_out=True))
 
 
 def _model(data: Splits, cfg: ModelConfig, dtype: torch.dtype) -> MixtureFlow:
@@ -224,15 +226,19 @@ def _exercise(model: MixtureFlow, data: Splits, dtype: torch.dtype, draws: int, 
     assert png.startswith(PNG_SIGNATURE)
 
 
-def test_vector_model_keeps_its_dtype(digits, model_dtype):
-    """digits MLP with Whiten and the moments full-covariance prior; evaluate with 2 draws (exact eval log-det)."""
-    _exercise(_model(digits, VECTOR, model_dtype), digits, model_dtype, draws=2, steps=2)
+@pytest.mark.parametrize("cfg", [VECTOR, COUPLING_VECTOR], ids=["iresnet", "coupling"])
+def test_vector_model_keeps_its_dtype(digits, model_dtype, cfg):
+    """digits MLP (i-ResNet or coupling) with Whiten and the moments full-covariance prior; evaluate with 2 draws
+    (exact eval log-det)."""
+    _exercise(_model(digits, cfg, model_dtype), digits, model_dtype, draws=2, steps=2)
 
 
-def test_image_model_keeps_its_dtype(model_dtype):
-    """1x8x8 conv model (2 scales), Russian roulette with the Neumann gradient, the moments full-covariance prior."""
+@pytest.mark.parametrize("cfg", [IMAGE, COUPLING_IMAGE], ids=["iresnet", "coupling"])
+def test_image_model_keeps_its_dtype(model_dtype, cfg):
+    """1x8x8 conv model (2 scales; i-ResNet with Russian roulette and the Neumann gradient, or coupling with factor-out),
+    the moments full-covariance prior."""
     data = _images()
-    _exercise(_model(data, IMAGE, model_dtype), data, model_dtype, draws=1, steps=3)
+    _exercise(_model(data, cfg, model_dtype), data, model_dtype, draws=1, steps=3)
 
 
 def test_actnorm_init_in_the_model_dtype(model_dtype):
@@ -255,11 +261,12 @@ def test_actnorm_init_in_the_model_dtype(model_dtype):
     torch.testing.assert_close(back, x, rtol=0, atol=1e-4 if model_dtype == torch.float32 else 1e-10)
 
 
-def test_bf16_training_keeps_the_model_dtype(model_dtype):
-    """runtime.precision="bf16" (g under bfloat16 autocast in training steps): the weights, the prior and the
-    training records stay in the model's dtype, and nothing is made in the default dtype."""
+@pytest.mark.parametrize("cfg", [IMAGE, COUPLING_IMAGE], ids=["iresnet", "coupling"])
+def test_bf16_training_keeps_the_model_dtype(model_dtype, cfg):
+    """runtime.precision="bf16" (g / the coupling nets under bfloat16 autocast in training steps): the weights, the
+    prior and the training records stay in the model's dtype, and nothing is made in the default dtype."""
     data = _images()
-    model = _model(data, IMAGE, model_dtype)
+    model = _model(data, cfg, model_dtype)
     audit = DefaultDtypeAudit()
     with audit:
         history = fit(model, data, TrainConfig(batch_size=16, early_stopping="none"),

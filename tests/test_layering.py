@@ -114,3 +114,47 @@ def test_the_check_allows_downward_and_own_layer_imports(tmp_path):
         "data/datasets.py": "", "training/runs.py": "", "version.py": "",
     })
     assert layering_violations(root) == []
+
+
+SHARED_FLOWS = ("layers", "preprocess", "priors", "objectives")  # used by both backbone families
+FAMILIES = ("iresnet", "coupling")  # flows/iresnet/ (a package) and flows/coupling.py
+
+
+def family_imports(package_root: Path, name: str = "mixflow_core") -> list[str]:
+    """'flows/X.py:line imports flows.F...' for every import of a backbone family by a shared flows module, and of one
+    family by the other."""
+    out = []
+    flows = package_root / "flows"
+    sources = [(flows / f"{m}.py", None) for m in SHARED_FLOWS]
+    sources += [(p, "iresnet") for p in sorted((flows / "iresnet").glob("*.py"))] + [(flows / "coupling.py", "coupling")]
+    for path, own in sources:
+        if not path.exists():
+            continue
+        for target, line in _imported_modules(path, package_root, name):
+            if len(target) >= 2 and target[0] == "flows" and target[1] in FAMILIES and target[1] != own:
+                out.append(f"{path.relative_to(package_root)}:{line} imports {'.'.join(target)}")
+    return out
+
+
+def test_shared_flows_modules_import_neither_backbone_family():
+    assert all((PACKAGE / "flows" / f"{m}.py").exists() for m in SHARED_FLOWS)
+    assert family_imports(PACKAGE) == []
+
+
+def test_training_and_evaluation_import_no_backbone_family():
+    """training/ and eval/ reach a backbone through its hooks (flows.layers.Flow), never by its family's names."""
+    found = []
+    for part in ("training", "eval"):
+        for path in sorted((PACKAGE / part).rglob("*.py")):
+            for target, line in _imported_modules(path, PACKAGE, "mixflow_core"):
+                if len(target) >= 2 and target[0] == "flows" and target[1] in FAMILIES:
+                    found.append(f"{path.relative_to(PACKAGE)}:{line} imports {'.'.join(target)}")
+    allowed = {"training/profiles.py"}  # the named profiles choose a family's estimators, by design
+    assert [f for f in found if f.split(":")[0] not in allowed] == []
+
+
+def test_the_family_check_fails_on_a_shared_module_importing_a_family(tmp_path):
+    root = _tree(tmp_path, {"flows/layers.py": "from .iresnet.logdet import Exact\n", "flows/preprocess.py": "",
+                            "flows/priors.py": "", "flows/objectives.py": "", "flows/coupling.py": "",
+                            "flows/iresnet/network.py": "from ..coupling import build_coupling\n"})
+    assert sorted(v.split(":")[0] for v in family_imports(root)) == ["flows/iresnet/network.py", "flows/layers.py"]

@@ -47,13 +47,6 @@ def stochastic_dequantisation(model: MixtureFlow) -> bool:
     return bool(getattr(model.preprocess, "dequantize", False))
 
 
-def _exact_eval_logdet(model: MixtureFlow) -> bool:
-    from ..flows.iresnet import ResidualBlock
-    from ..flows.logdet import Exact
-
-    return all(isinstance(m.eval_logdet, Exact) for m in model.modules() if isinstance(m, ResidualBlock))
-
-
 def log_likelihood_table(
     model: MixtureFlow, data: Dataset, batch_size: int = 500, device: str | torch.device = "cpu", draws: int = 1,
 ) -> tuple[Tensor, Tensor]:
@@ -69,9 +62,9 @@ def log_likelihood_table(
         raise ValueError(f"draws must be an int >= 1, got {draws!r}")
     if draws == 1 or not stochastic_dequantisation(model):
         return over_dataset(model, data, model.log_prob_all, batch_size, device)
-    if not _exact_eval_logdet(model):
-        raise ValueError(f"draws={draws} needs an exact evaluation log-det (ModelConfig(eval_logdet=Exact()), "
-                         "--set model.eval_logdet=exact); "
+    if not model.exact_logdet:
+        raise ValueError(f"draws={draws} needs an exact evaluation log-det (a coupling backbone, or an i-ResNet with "
+                         "ModelConfig(eval_logdet=Exact()), --set model.eval_logdet=exact); "
                          "with a stochastic estimator use draws=1")
 
     def averaged(x: Tensor) -> Tensor:

@@ -1,7 +1,8 @@
 """Typed, frozen configuration of the flow and the prior, and the dict round trip every config uses.
 
-A config field holds a typed value, not a cluster of flags: the architecture is an `MLP` or a
-`Conv`, the log-det estimator a `PowerSeries`, `RussianRoulette` or `Exact` (logdet.py). In JSON
+A config field holds a typed value, not a cluster of flags: the architecture is an i-ResNet
+(`MLP`, `Conv`: flows/iresnet/) or a coupling flow (`CouplingMLP`, `CouplingConv`: flows/coupling.py),
+the log-det estimator a `PowerSeries`, `RussianRoulette` or `Exact` (iresnet/logdet.py). In JSON
 such a value is a tagged dict, ``{"type": "power_series", "n_terms": 5, ...}``; `to_dict` and
 `from_dict` convert both ways for any (nested) config dataclass.
 """
@@ -14,47 +15,33 @@ import typing
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, TypeVar, Union
 
-from .lipschitz import KRYLOV_STEPS, check_coeff, check_krylov_steps
-from .logdet import Estimator, PowerSeries
+from .coupling import CouplingConv, CouplingMLP
+from .iresnet.arch import MLP, Conv
+from .iresnet.lipschitz import KRYLOV_STEPS, check_coeff, check_krylov_steps
+from .iresnet.logdet import Estimator, Exact, PowerSeries, RussianRoulette
 from .preprocess import check_alpha
 
-__all__ = ["MLP", "Conv", "ModelConfig", "PriorConfig", "from_dict", "to_dict", "tagged_types", "parse_tagged", "conform",
+__all__ = ["MLP", "Conv", "CouplingMLP", "CouplingConv", "Arch", "IRESNET_FIELDS", "ModelConfig", "PriorConfig", "from_dict", "to_dict", "tagged_types", "parse_tagged", "conform",
            "describe"]
 
 
-@dataclass(frozen=True)
-class MLP:
-    """i-ResNet for vectors (D,): blocks x + g(x) with g = Linear -> act -> ... -> Linear, widths D-hidden-D."""
-
-    kind: ClassVar[str] = "mlp"
-    hidden: tuple[int, ...] = (128, 128)  # hidden widths of each g
-    n_blocks: int = 10  # residual blocks
-
-    def __post_init__(self) -> None:
-        if self.n_blocks < 1 or not self.hidden or min(self.hidden) < 1:
-            raise ValueError(f"MLP needs n_blocks >= 1 and positive hidden widths, got {self}")
-
-
-@dataclass(frozen=True)
-class Conv:
-    """Multi-scale conv i-ResNet for images (C, H, W): n_scales stages of n_blocks, a squeeze between stages."""
-
-    kind: ClassVar[str] = "conv"
-    channels: int = 32  # hidden channels of each g (conv k x k -> act -> conv 1x1 -> act -> conv k x k)
-    n_blocks: int = 2  # residual blocks per scale
-    n_scales: int = 2  # scales, with a squeeze between consecutive ones
-    kernel_size: int = 3  # first and last conv of g (the middle one is 1x1)
-
-    def __post_init__(self) -> None:
-        if min(self.channels, self.n_blocks, self.n_scales, self.kernel_size) < 1:
-            raise ValueError(f"Conv needs positive channels, n_blocks, n_scales and kernel_size, got {self}")
+Arch = MLP | Conv | CouplingMLP | CouplingConv  # the backbone: family i-ResNet (mlp, conv) or coupling
+# the i-ResNet's own fields of ModelConfig: a coupling architecture refuses any of them set away from its default
+IRESNET_FIELDS = ("coeff", "krylov_steps", "n_power_iterations", "power_rtol", "activation", "g_init_scale", "logdet",
+                  "eval_logdet", "inverse_tol", "inverse_max_iter")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The invertible network f and its preprocessing."""
+    """The invertible network f (the backbone) and its preprocessing.
 
-    arch: MLP | Conv = MLP()  # MLP for vectors (toy2d, digits), Conv for images
+    `arch` picks the backbone and its family. The fields from `coeff` to `inverse_max_iter`
+    (IRESNET_FIELDS) belong to the i-ResNet family, and a coupling architecture refuses them set
+    (one line); the rest (ActNorm, whitening, logit, dequantisation) belong to both.
+    """
+
+    arch: Arch = MLP()  # i-ResNet: MLP (vectors: toy2d, digits) or Conv (images); coupling: CouplingMLP, CouplingConv
+    # -- i-ResNet fields --
     coeff: float = 0.9  # Lipschitz bound of each spectrally normalised layer, < 1
     # spectral normalisation per training step: a Krylov subspace of this many products with W^T W per layer
     # (RESULTS.md "Spectral normalisation per step"); None: power iteration, n_power_iterations, then more until
@@ -63,15 +50,16 @@ class ModelConfig:
     n_power_iterations: int = 1
     power_rtol: float | None = 1e-4
     activation: Literal["lipswish", "elu"] = "lipswish"
-    actnorm: bool = True  # ActNorm before every residual block
-    whiten: bool = False  # a fixed ZCA whitening (S + whiten_ridge I)^-1/2 of the training data first (set by fit)
-    whiten_ridge: float = 1e-3  # in the units of the preprocessed data (logit space)
     g_init_scale: float = 1.0  # the last layer of every g starts at this multiple of PyTorch's init (bias 0 when < 1):
     #                            small values start the flow near the identity (ActNorm only)
     logdet: Estimator = PowerSeries()  # log-det estimator in training mode
     eval_logdet: Estimator | None = None  # in eval mode; None: the training estimator
     inverse_tol: float = 1e-6  # fixed-point inverse stops when max |x_{k+1} - x_k| < tol * max(1, max |z|)
     inverse_max_iter: int = 100  # ... or after this many iterations (then warns)
+    # -- both families --
+    actnorm: bool = True  # ActNorm before every residual block / first in every coupling step (both families)
+    whiten: bool = False  # a fixed ZCA whitening (S + whiten_ridge I)^-1/2 of the training data first (set by fit)
+    whiten_ridge: float = 1e-3  # in the units of the preprocessed data (logit space)
     alpha: float = 0.05  # logit preprocessing: s = alpha + (1 - 2 alpha) * y
     dequantize: bool = True  # uniform dequantisation noise; False uses the bin midpoint
 
@@ -86,6 +74,26 @@ class ModelConfig:
         if not 0.0 < self.g_init_scale <= 1.0:
             raise ValueError(f"g_init_scale must lie in (0, 1] (0 would leave the power iteration without a direction), "
                              f"got {self.g_init_scale}")
+
+        if self.arch.family != "iresnet":
+            defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+            changed = [name for name in IRESNET_FIELDS if getattr(self, name) != defaults[name]]
+            if changed:
+                raise ValueError(f"model.{changed[0]} is an i-ResNet field: the {self.arch.kind} backbone (a coupling "
+                                 f"flow, exact log-det and analytic inverse) has no use for it; leave it unset")
+
+    @property
+    def family(self) -> str:
+        """The backbone family: "iresnet" or "coupling"."""
+        return self.arch.family
+
+    def unbiased_eval(self) -> ModelConfig:
+        """This config with an evaluation log-det that is exact where affordable and unbiased otherwise: the i-ResNet
+        on vectors Exact, on images Russian roulette (2 exact terms); a coupling flow's is exact already."""
+        if self.family != "iresnet":
+            return self
+        return dataclasses.replace(
+            self, eval_logdet=Exact() if isinstance(self.arch, MLP) else RussianRoulette(n_exact_terms=2))
 
     @property
     def eval_estimator(self) -> Estimator:

@@ -1,21 +1,53 @@
-"""Invertible layers with one signature: forward(x) -> (z, logdet), inverse(z) -> x.
+"""Invertible layers with one signature: forward(x) -> (z, logdet), inverse(z) -> x, shared by both backbone families.
 
-forward maps data to latent; logdet = log|det dz/dx| per sample, shape (B,).
+forward maps data to latent; logdet = log|det dz/dx| per sample, shape (B,). A backbone (the
+i-ResNet in flows/iresnet/, the coupling flow in flows/coupling.py) is a Flow; the questions
+that training and evaluation ask of it are the hooks below, so that neither imports a family:
+- ``training_state()`` / ``load_training_state(state)``: what a training trajectory carries
+  besides the state_dict (the i-ResNet's power-iteration vectors; nothing for a coupling flow);
+- ``settle()`` and ``settled()``: bring derived state up to date with the weights (the i-ResNet
+  converges its spectral norms, so Lip <= coeff holds exactly), for good or for a block;
+- ``exact_logdet``: whether the layer's eval-mode log-det is exact (not a stochastic estimate);
+- ``autocast_dtype`` on layers whose inner network may run in lower precision (training_precision).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Flow", "FlowSequence", "ActNorm", "Squeeze", "Whiten"]
+__all__ = ["Flow", "FlowSequence", "ActNorm", "Squeeze", "Whiten", "PRECISIONS", "training_precision"]
 
 
 class Flow(nn.Module):
-    """Base class: a bijection x -> z with a tractable log-determinant."""
+    """Base class: a bijection x -> z with a tractable log-determinant, and the backbone hooks (no-ops here)."""
+
+    exact_logdet: bool = True  # eval-mode log-det exact; a layer with a stochastic estimator says False
+
+    def training_state(self) -> dict[str, Tensor]:
+        """State a training run carries beyond the state_dict, for an exact resume ({} for most flows)."""
+        return {}
+
+    def load_training_state(self, state: dict[str, Tensor]) -> None:
+        """Put back what training_state() returned."""
+
+    def settle(self) -> None:
+        """Make derived state consistent with the weights as they are (before saving, evaluating, returning)."""
+
+    @contextlib.contextmanager
+    def settled(self) -> Iterator[None]:
+        """Inside: settle(); after: the training state as before, so a training trajectory does not depend on whether
+        it validated or saved in between."""
+        saved = self.training_state()
+        self.settle()
+        try:
+            yield
+        finally:
+            self.load_training_state(saved)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -203,3 +235,34 @@ class Whiten(Flow):
     def inverse(self, z: Tensor) -> Tensor:
         self._check(z)
         return (z.flatten(1) @ self.inverse_matrix.T + self.mean).view(z.shape)
+
+
+PRECISIONS = ("fp32", "tf32", "bf16")
+
+
+@contextlib.contextmanager
+def training_precision(flow: nn.Module, precision: str) -> Iterator[None]:
+    """Inside: the training steps of `flow` at `precision` (RuntimeConfig.precision); after: as before.
+
+    - "fp32": full float32 (float64) arithmetic; on CUDA also TF32 off for matmuls and cuDNN
+      convolutions (PyTorch's own default lets cuDNN use TF32).
+    - "tf32": CUDA matmuls and convolutions in TF32 (no effect on CPU).
+    - "bf16": tf32, and the inner network of every layer that has an ``autocast_dtype`` attribute
+      (the i-ResNet's g, a coupling layer's conditioner) under bfloat16 autocast in training mode, its
+      output cast back. Log-det sums, ActNorm, 1x1 convolutions and the prior stay in the model's
+      dtype. Evaluation (eval mode) runs as built.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+    tf32 = precision != "fp32"
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    layers = [m for m in flow.modules() if hasattr(m, "autocast_dtype")]
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+    for layer in layers:
+        layer.autocast_dtype = torch.bfloat16 if precision == "bf16" else None
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+        for layer in layers:
+            layer.autocast_dtype = None

@@ -1,4 +1,4 @@
-"""MixtureFlow: x -> preprocess -> i-ResNet f -> z, with a class-conditional Gaussian prior.
+"""MixtureFlow: x -> preprocess -> backbone f (i-ResNet or coupling flow) -> z, with a class-conditional Gaussian prior.
 
 log p(x|y) = log N(f(h(x)); mu_y, sigma_y) + log|det J_f| + log|det J_h| - D log L,
 where h is dequantisation + logit and L the number of quantisation levels, so that
@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import ModelConfig, PriorConfig
+from .coupling import build_coupling
 from .iresnet import build_iresnet
 from .layers import Flow
 from .preprocess import IdentityPreprocess, LogitPreprocess
@@ -68,6 +69,11 @@ class MixtureFlow(nn.Module):
     @property
     def num_classes(self) -> int:
         return self.prior.num_classes
+
+    @property
+    def exact_logdet(self) -> bool:
+        """Whether log p(x|k) in eval mode uses an exact log-det (every layer's own answer), not an estimate."""
+        return all(m.exact_logdet for m in self.flow.modules() if isinstance(m, Flow))
 
     def _check_x(self, x: Tensor) -> None:
         if not isinstance(x, Tensor):
@@ -160,14 +166,16 @@ def build_model(
     prior_cfg: PriorConfig = PriorConfig(),
     class_counts: Tensor | None = None,
 ) -> MixtureFlow:
-    """The mixture flow for data of per-sample shape `data_shape`: preprocessing, i-ResNet, class Gaussians.
+    """The mixture flow for data of per-sample shape `data_shape`: preprocessing, backbone, class Gaussians.
 
     Args:
-        data_shape: per-sample shape, (D,) for ModelConfig(arch=MLP(...)) or (C, H, W) for Conv(...).
+        data_shape: per-sample shape, (D,) for ModelConfig(arch=MLP(...)) or CouplingMLP(...), (C, H, W) for
+            Conv(...) or CouplingConv(...).
         num_classes: K, one Gaussian per class.
         levels: quantisation levels L of the data (17 for digits, 256 for images); None for
             continuous data (identity preprocessing, densities in nats).
-        model_cfg: the flow (architecture, Lipschitz bound, log-det estimators, ...).
+        model_cfg: the backbone (architecture; the i-ResNet's Lipschitz bound and log-det estimators) and
+            preprocessing.
         prior_cfg: the class-conditional Gaussians (init scheme, what is learned, covariance).
         class_counts: (K,) training counts for the empirical p(y); None: uniform.
 
@@ -181,7 +189,8 @@ def build_model(
         >>> model.latent_shape, model.dim, model.num_classes
         ((4, 4, 4), 64, 10)
     """
-    flow = build_iresnet(tuple(data_shape), model_cfg)
+    build = build_iresnet if model_cfg.family == "iresnet" else build_coupling
+    flow = build(tuple(data_shape), model_cfg)
     latent_dim = math.prod(flow.output_shape(tuple(data_shape)))
     prior = ClassConditionalGaussian(num_classes, latent_dim, prior_cfg, class_counts)
     preprocess = (

@@ -30,8 +30,6 @@ import torch
 from ..data import Splits, load_data
 from ..eval.diagnostics import overlap_summary
 from ..eval.metrics import evaluate
-from ..flows.config import MLP
-from ..flows.logdet import Exact, RussianRoulette
 from ..flows.model import build_model
 from ..training.config import RunConfig, apply_overrides, upgrade
 from ..training.fit import NonFiniteLossError, fit
@@ -90,10 +88,9 @@ def _budget(cfg: RunConfig, epochs: int, max_minutes: float | None, seed: int, m
     """Same budget and evaluation for every variant: fixed epochs, no early stopping, and an exact (vectors) or unbiased
     (images: Russian roulette, 2 exact terms; ~3 vector-Jacobian products per block instead of a 10-term series'
     10, whose truncation is biased) evaluation log-det."""
-    eval_logdet = Exact() if isinstance(cfg.model.arch, MLP) else RussianRoulette(n_exact_terms=2)
     return replace(
         cfg,
-        model=replace(cfg.model, eval_logdet=eval_logdet),
+        model=cfg.model.unbiased_eval(),
         train=replace(cfg.train, early_stopping="none", seed=seed),
         runtime=replace(cfg.runtime, epochs=epochs, max_minutes=max_minutes, max_steps=max_steps, progress=False,
                         eval_draws=1),  # one draw

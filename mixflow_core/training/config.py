@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from ..data import DataConfig
-from ..flows.config import ModelConfig, PriorConfig, conform, describe, from_dict, parse_tagged, tagged_types, to_dict
-from ..flows.iresnet import PRECISIONS
+from ..flows.config import IRESNET_FIELDS, ModelConfig, PriorConfig, conform, describe, from_dict, parse_tagged, tagged_types, to_dict
+from ..flows.layers import PRECISIONS
 from ..flows.objectives import Hybrid, TrainingObjective
 
 __all__ = ["TrainConfig", "RuntimeConfig", "RunConfig", "apply_overrides", "resume_conflicts", "flatten", "upgrade",
@@ -67,7 +67,7 @@ class RuntimeConfig:
     progress: bool = True  # tqdm progress bars (rank 0)
     eval_batch_size: int = 128  # 128 evaluates 3x faster than 500 on 2 CPU cores (cache; RESULTS.md "Evaluation speed")
     eval_draws: int = 1  # dequantisation draws averaged (importance-weighted) in the final val / test metrics
-    precision: Literal["fp32", "tf32", "bf16"] = "fp32"  # training steps' arithmetic (flows.iresnet.training_precision)
+    precision: Literal["fp32", "tf32", "bf16"] = "fp32"  # training steps' arithmetic (flows.layers.training_precision)
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -211,7 +211,22 @@ def apply_overrides(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
             raise ValueError(f"Unknown config field {key!r}; fields look like train.lr, model.arch.n_blocks, "
                              f"model.logdet.n_terms, prior.init, runtime.epochs, data.root")
         _set(sections[section], _SECTIONS[section], path, value, key)
+    _drop_other_family(cfg, sections["model"], overrides)
     return RunConfig.from_dict(sections)
+
+
+def _drop_other_family(cfg: RunConfig, model: dict[str, Any], overrides: dict[str, Any]) -> None:
+    """A switch from an i-ResNet to a coupling architecture (e.g. --set model.arch=coupling_conv on an i-ResNet
+    profile) resets the i-ResNet fields that the overrides do not name to their defaults; one they name is then
+    refused by ModelConfig, with one line."""
+    arch = tagged_types(typing.get_type_hints(ModelConfig)["arch"])[model["arch"]["type"]]
+    if cfg.model.family != "iresnet" or arch.family == "iresnet":
+        return
+    named = {k.split(".")[1] for k in overrides if k.startswith("model.") and k.count(".") >= 1}
+    defaults = to_dict(ModelConfig())
+    for name in IRESNET_FIELDS:
+        if name not in named:
+            model[name] = defaults[name]
 
 
 # -- configs of mixflow 0.1 ------------------------------------------------------------------------------------

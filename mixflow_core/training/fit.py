@@ -8,8 +8,10 @@
 - Checkpoints after every epoch and every runtime.checkpoint_minutes inside one, written
   atomically by rank 0: model, optimiser, scheduler, RNG states, configs, history, where to go on
   (epoch, batch) and the partial epoch's sums. runtime.max_minutes is checked after every batch.
-- Saved, validated and returned weights keep Lip <= coeff: converged_spectral_norms brings the
-  power-iteration vectors up to date with the weights first (and puts the training run's back).
+- The backbone is reached only through its hooks (flows.layers.Flow): validation, saving and the
+  returned model see `flow.settled()` weights (the i-ResNet: Lip <= coeff exactly, its power
+  vectors converged, then the training run's put back); checkpoints carry `flow.training_state()`
+  (the i-ResNet's power vectors; nothing for a coupling flow) for an exact resume.
 - `resume=True` continues from the last checkpoint, mid-epoch too, and reproduces the
   uninterrupted run (same seed, CPU); what may change on resume is config.resume_conflicts' policy.
 - A non-finite loss or gradient skips the batch (counted); runtime.max_nonfinite consecutive ones
@@ -38,9 +40,7 @@ from tqdm.auto import tqdm
 from ..data import Splits
 from ..eval.diagnostics import latents, prior_overlap
 from ..eval.metrics import accuracy, bits_per_dim, over_dataset
-from ..flows.iresnet import training_precision
-from ..flows.layers import Whiten
-from ..flows.lipschitz import converge_spectral_norms, converged_spectral_norms, load_power_vectors, power_vectors
+from ..flows.layers import Whiten, training_precision
 from ..flows.model import MixtureFlow
 from ..flows.priors import class_moments
 from .checkpoint import (
@@ -89,6 +89,17 @@ class History:
 
 class NonFiniteLossError(RuntimeError):
     """Training produced non-finite losses or gradients for too many consecutive batches."""
+
+
+def backbone_training_state(ckpt: dict[str, Any]) -> dict[str, Tensor] | None:
+    """The backbone's training state in a checkpoint: "backbone_state" (keys relative to model.flow), or the
+    "power_vectors" of checkpoints written before the backbone hooks (keys relative to the model: "flow." dropped);
+    None where neither was saved (mixflow 0.1)."""
+    if ckpt.get("backbone_state") is not None:
+        return ckpt["backbone_state"]
+    if ckpt.get("power_vectors") is not None:
+        return {k.removeprefix("flow."): v for k, v in ckpt["power_vectors"].items()}
+    return None
 
 
 # -- set-up -------------------------------------------------------------------------------------------
@@ -177,7 +188,7 @@ class _State:
     bad_epochs: int = 0
     best_weights: dict[str, Tensor] | None = None
     consecutive_bad: int = 0
-    training_vectors: dict[str, Tensor] | None = None  # the power iteration's warm start, saved for an exact resume
+    training_state: dict[str, Tensor] | None = None  # the backbone's flow.training_state(), saved for an exact resume
     start_step: int = 0  # batches of start_epoch already trained (a mid-epoch checkpoint)
     partial: dict[str, float] = field(default_factory=dict)  # loss_sum, n_ok, seconds of start_epoch's first batches
     pending_rng: dict[str, Any] | None = None  # a mid-epoch resume restores the RNG after the epoch's loader starts
@@ -218,9 +229,10 @@ def _resume(model: MixtureFlow, opt, sched, cfg: TrainConfig, runtime: RuntimeCo
     ckpt = load_checkpoint(path)
     check_resumable(ckpt, cfg, runtime, path)
     try:
-        model.load_state_dict(ckpt["model"])  # evaluation-ready: converged power-iteration vectors ...
-        if "power_vectors" in ckpt:  # ... then the training run's own warm start (absent in mixflow 0.1 checkpoints)
-            load_power_vectors(model, ckpt["power_vectors"])
+        model.load_state_dict(ckpt["model"])  # evaluation-ready (settled) weights ...
+        backbone_state = backbone_training_state(ckpt)  # ... then the training run's own state (absent in 0.1's)
+        if backbone_state is not None:
+            model.flow.load_training_state(backbone_state)
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
     except (KeyError, RuntimeError, ValueError) as err:
@@ -354,9 +366,9 @@ def _write_checkpoint(model: MixtureFlow, opt, sched, cfg: TrainConfig, runtime:
                       device: torch.device) -> None:
     """run_dir/checkpoint.pt: everything a resume needs to continue at `resume_at` = (epoch, batch), 0-based.
 
-    Called inside converged_spectral_norms: the weights saved keep Lip <= coeff; the training run's own power
-    vectors go along (state.training_vectors), and so do the sums of a partly trained epoch, so that a resume
-    continues exactly. Every rank's RNG state is gathered; rank 0 writes.
+    Called inside model.flow.settled(): the weights saved are settled (the i-ResNet: Lip <= coeff); the training
+    run's own backbone state goes along (state.training_state), and so do the sums of a partly trained epoch, so
+    that a resume continues exactly. Every rank's RNG state is gathered; rank 0 writes.
     """
     rng = [None] * ctx.world
     if ctx.world > 1:
@@ -368,7 +380,7 @@ def _write_checkpoint(model: MixtureFlow, opt, sched, cfg: TrainConfig, runtime:
         return
     epoch, step = resume_at
     save_torch({
-        "model": model.state_dict(), "power_vectors": state.training_vectors, "optimizer": opt.state_dict(),
+        "model": model.state_dict(), "backbone_state": state.training_state, "optimizer": opt.state_dict(),
         "scheduler": sched.state_dict(), "rng": rng, "configs": saved_configs(cfg, runtime),
         "history": state.history.to_dict(), "epoch": epoch - 1,  # the last whole epoch (as mixflow 0.1 read it)
         "resume_at": [epoch, step], "partial": dict(partial), "consecutive_bad": state.consecutive_bad,
@@ -381,14 +393,14 @@ def _end_epoch(model: MixtureFlow, opt, sched, data: Splits, probe_x: Tensor, cf
                ctx: DistContext, device: torch.device) -> tuple[bool, bool]:
     """Validate, track the best weights, decide whether to stop, save; returns (stop early, out of time).
 
-    All of it inside converged_spectral_norms: validation, best.pt and checkpoints see Lip <= coeff exactly for the
-    weights as they are, and the training run's power vectors are put back afterwards (an unchanged trajectory).
+    All of it inside model.flow.settled(): validation, best.pt and checkpoints see settled weights (the i-ResNet:
+    Lip <= coeff exactly), and the training run's backbone state is put back afterwards (an unchanged trajectory).
     A record of an epoch the time budget cut short ("partial") is validated and kept in the history, but takes
     no part in early stopping, and the checkpoint (written when it stopped) resumes that epoch where it stopped.
     """
     epoch = record["epoch"] - 1
-    state.training_vectors = power_vectors(model)
-    with converged_spectral_norms(model):
+    state.training_state = model.flow.training_state()
+    with model.flow.settled():
         record.update(_validate(model, data.val, cfg, runtime.eval_batch_size, ctx, device))
         record.update(prior_overlap(model.prior))
         record["inverse_error"] = inverse_error(model, probe_x.to(device))
@@ -493,8 +505,8 @@ def fit(
     def checkpoint_mid_epoch(epoch: int, step: int, sums: dict[str, float]) -> None:
         if run_dir is None:
             return
-        state.training_vectors = power_vectors(model)
-        with converged_spectral_norms(model):
+        state.training_state = model.flow.training_state()
+        with model.flow.settled():
             _write_checkpoint(model, opt, sched, cfg, runtime, state, run_dir, (epoch, step), sums, ctx, device)
 
     if state.start_epoch < runtime.epochs:
@@ -516,6 +528,6 @@ def fit(
                 break
     if state.best_weights is not None and cfg.early_stopping != "none":
         model.load_state_dict(state.best_weights)  # return the best validated weights
-    converge_spectral_norms(model)  # the returned model keeps Lip <= coeff for its weights (a no-op for best weights)
+    model.flow.settle()  # the returned weights settled (the i-ResNet: Lip <= coeff; a no-op for best weights)
     model.eval()
     return state.history

@@ -10,7 +10,7 @@ from dataclasses import replace
 
 from ..data import DataConfig
 from ..flows.config import MLP, Conv, ModelConfig, PriorConfig
-from ..flows.logdet import Exact, PowerSeries, RussianRoulette
+from ..flows.iresnet.logdet import Exact, PowerSeries, RussianRoulette
 from ..flows.objectives import Hybrid
 from .config import RunConfig, RuntimeConfig, TrainConfig
 

@@ -11,14 +11,14 @@ from torch.overrides import TorchFunctionMode
 
 from mixflow_core.flows.config import MLP, Conv, ModelConfig, PriorConfig
 from mixflow_core.flows.iresnet import IResNet, build_iresnet
-from mixflow_core.flows.lipschitz import (
+from mixflow_core.flows.iresnet.lipschitz import (
     SpectralConv2d,
     SpectralLinear,
     converge_spectral_norms,
     refresh_spectral_norms,
     spectral_layers,
 )
-from mixflow_core.flows.logdet import PowerSeries
+from mixflow_core.flows.iresnet.logdet import PowerSeries
 from mixflow_core.flows.model import build_model
 from mixflow_core.training.config import TrainConfig
 
@@ -223,7 +223,7 @@ def test_host_syncs_per_training_step_do_not_grow_with_depth():
 
 
 def test_tolerance_checks_cost_a_sync_per_group_every_few_iterations_not_per_layer_iteration():
-    from mixflow_core.flows.lipschitz import CHECK_EVERY
+    from mixflow_core.flows.iresnet.lipschitz import CHECK_EVERY
 
     fixed = _syncs_per_training_step(4, None)
     checked = _syncs_per_training_step(4, 1e-4)

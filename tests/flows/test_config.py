@@ -12,7 +12,7 @@ from mixflow_core import (
     SpectralLinear, build_model, from_dict, to_dict,
 )
 from mixflow_core.flows.iresnet import ResidualBlock, build_iresnet
-from mixflow_core.flows.lipschitz import check_coeff
+from mixflow_core.flows.iresnet.lipschitz import check_coeff
 from mixflow_core.flows.preprocess import check_alpha
 
 ARCHS = [MLP(hidden=(8, 4), n_blocks=3), Conv(channels=4, n_blocks=1, n_scales=3, kernel_size=5)]

@@ -21,9 +21,11 @@ import pytest
 import torch
 
 import mixflow_core.flows
+from mixflow_core.flows.config import CouplingConv, CouplingMLP, ModelConfig
+from mixflow_core.flows.coupling import AffineCoupling, FactorOut, InvertibleLinear, build_coupling
 from mixflow_core.flows.iresnet import IResNet, ResidualBlock
 from mixflow_core.flows.layers import ActNorm, Flow, FlowSequence, Squeeze, Whiten
-from mixflow_core.flows.logdet import Exact, PowerSeries
+from mixflow_core.flows.iresnet.logdet import Exact, PowerSeries
 from tests.helpers import conv_g, exact_flow_logdet, initialised_eval, mlp_g, off_centre_data
 
 EXACT_ATOL = 1e-12  # layers whose inverse is closed form
@@ -42,6 +44,30 @@ def _whiten(shape: tuple[int, ...]) -> Whiten:
     w = Whiten(shape, ridge=1e-3).double()
     w.init_from(torch.randn(d, generator=g, dtype=torch.float64), a @ a.T / d)
     return w
+
+
+def _perturbed(flow: Flow, scale: float = 0.3) -> Flow:
+    """Every parameter moved by seeded noise: a coupling net's zero-initialised last layer (and a fresh 1x1
+    convolution's rotation) would make the checks below trivial."""
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in flow.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return flow
+
+
+def _coupling_net(c_in: int, c_out: int, image: bool) -> torch.nn.Module:
+    if image:
+        return torch.nn.Sequential(torch.nn.Conv2d(c_in, 3, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(3, c_out, 3, padding=1))
+    return torch.nn.Sequential(torch.nn.Linear(c_in, 5), torch.nn.Tanh(), torch.nn.Linear(5, c_out))
+
+
+def _coupling(c: int, image: bool) -> AffineCoupling:
+    return _perturbed(AffineCoupling(_coupling_net(c // 2, 2 * (c - c // 2), image), c))
+
+
+def _built(arch) -> Flow:
+    return _perturbed(build_coupling((4,) if isinstance(arch, CouplingMLP) else (2, 8, 8), ModelConfig(arch=arch)), 0.1)
 
 
 @dataclass(frozen=True)
@@ -80,6 +106,16 @@ CASES = [
         lambda: IResNet([ActNorm(2), _block(conv_g(2, 4, (4, 4))), ActNorm(2), _block(conv_g(2, 4, (4, 4)))]),
         (2, 4, 4), RESIDUAL_ATOL,
     ),
+    Case("invertible_linear_vector", lambda: _perturbed(InvertibleLinear(4)), (4,), 1e-10),
+    Case("invertible_linear_image", lambda: _perturbed(InvertibleLinear(3)), (3, 4, 4), 1e-10),
+    Case("affine_coupling_vector", lambda: _coupling(5, image=False), (5,), 1e-10),  # odd: a 2 / 3 split
+    Case("affine_coupling_image", lambda: _coupling(4, image=True), (4, 4, 4), 1e-10),
+    Case("factor_out", lambda: FactorOut(2, FlowSequence([Squeeze(), ActNorm(8), _coupling(8, image=True)]), (4, 4, 4)),
+         (4, 4, 4), 1e-10),
+    Case("coupling_mlp_flow", lambda: _built(CouplingMLP(hidden=(6,), n_steps=3)), (4,), 1e-10),
+    Case("coupling_conv_flow", lambda: _built(CouplingConv(channels=4, n_steps=2, n_scales=2)), (2, 8, 8), 1e-10),
+    Case("coupling_conv_factor_out_flow",
+         lambda: _built(CouplingConv(channels=4, n_steps=1, n_scales=2, factor_out=True)), (2, 8, 8), 1e-10),
 ]
 EXACT_CASES = [c for c in CASES if c.exact_logdet]
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mixflow_core import Conv, ModelConfig, PriorConfig, build_model
-from mixflow_core.flows.logdet import Exact
+from mixflow_core.flows.iresnet.logdet import Exact
 
 
 def tiny_conv(n_scales: int) -> ModelConfig:

@@ -15,8 +15,8 @@ from mixflow_core.flows.iresnet import (
     fixed_point_inverse,
 )
 from mixflow_core.flows.layers import ActNorm, FlowSequence, Squeeze
-from mixflow_core.flows.lipschitz import SpectralLinear
-from mixflow_core.flows.logdet import Exact, PowerSeries
+from mixflow_core.flows.iresnet.lipschitz import SpectralLinear
+from mixflow_core.flows.iresnet.logdet import Exact, PowerSeries
 from tests.helpers import exact_flow_logdet, initialised_eval, mlp_g, off_centre_data
 
 # helpers ------------------------------------------------------------------------------------------

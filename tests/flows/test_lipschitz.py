@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mixflow_core.flows.lipschitz import LipSwish, SpectralConv2d, SpectralLinear, operator_norm
+from mixflow_core.flows.iresnet.lipschitz import LipSwish, SpectralConv2d, SpectralLinear, operator_norm
 
 COEFF = 0.7
 

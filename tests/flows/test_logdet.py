@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from mixflow_core.flows.logdet import Exact, PowerSeries, RussianRoulette
+from mixflow_core.flows.iresnet.logdet import Exact, PowerSeries, RussianRoulette
 from tests.helpers import conv_g, exact_residual_logdet, mlp_g
 
 

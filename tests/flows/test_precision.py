@@ -8,8 +8,9 @@ from torch.utils.data import TensorDataset
 
 from mixflow_core import Conv, ModelConfig, PriorConfig, build_model, operator_norm, spectral_layers
 from mixflow_core.data import Splits, load_data
-from mixflow_core.flows.iresnet import ResidualBlock, training_precision
-from mixflow_core.flows.lipschitz import SpectralConv2d
+from mixflow_core.flows.iresnet import ResidualBlock
+from mixflow_core.flows.layers import training_precision
+from mixflow_core.flows.iresnet.lipschitz import SpectralConv2d
 from mixflow_core.training.config import RuntimeConfig, TrainConfig
 from mixflow_core.training.fit import fit
 from mixflow_core.training.profiles import get_profile

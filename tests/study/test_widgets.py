@@ -142,7 +142,7 @@ def test_render_png_rejects_mismatched_data_description(loaded):
 def test_two_dimensional_continuous_data_are_scatter_plots():
     """levels None (toy2d): render_png and fig_interpolation draw in the plane; only 2-D is drawable."""
     from mixflow_core.flows.config import MLP, ModelConfig
-    from mixflow_core.flows.logdet import PowerSeries
+    from mixflow_core.flows.iresnet.logdet import PowerSeries
     from mixflow_core.flows.model import build_model
 
     cfg = ModelConfig(arch=MLP(hidden=(8,), n_blocks=1), logdet=PowerSeries(n_terms=2))

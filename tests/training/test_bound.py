@@ -7,7 +7,7 @@ import torch
 
 from mixflow_core import SpectralConv2d, SpectralLinear, build_model, operator_norm, spectral_layers
 from mixflow_core.data import load_data
-from mixflow_core.flows.lipschitz import converge_spectral_norms, converged_spectral_norms, power_vectors
+from mixflow_core.flows.iresnet.lipschitz import converge_spectral_norms, converged_spectral_norms, power_vectors
 from mixflow_core.training.checkpoint import load_checkpoint
 from mixflow_core.training.fit import fit
 from mixflow_core.training.profiles import get_profile
@@ -53,5 +53,5 @@ def test_saved_and_returned_weights_keep_the_bound(tmp_path, early_stopping):
         assert _max_norm(saved.eval()) <= coeff + TOL, name
     # the checkpoint also carries the training run's own vectors (for an exact resume); with them the bound
     # is what the per-step refresh left, which is why evaluation never uses them
-    vectors = load_checkpoint(tmp_path / "checkpoint.pt")["power_vectors"]
-    assert set(vectors) == set(power_vectors(model))
+    vectors = load_checkpoint(tmp_path / "checkpoint.pt")["backbone_state"]  # keys relative to model.flow
+    assert set(vectors) == set(power_vectors(model.flow)) == set(model.flow.training_state())

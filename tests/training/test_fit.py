@@ -623,7 +623,7 @@ def test_resume_from_mid_epoch_checkpoints_equals_an_uninterrupted_run(tmp_path)
     assert metrics_only(History.from_dict(load["history"])) == metrics_only(h_whole)
     a, b = load_checkpoint(tmp_path / "a" / "checkpoint.pt"), load
     assert_state_dicts_equal(a["model"], b["model"])
-    assert_state_dicts_equal(a["power_vectors"], b["power_vectors"])
+    assert_state_dicts_equal(a["backbone_state"], b["backbone_state"])
     assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
     for k in a["optimizer"]["state"]:
         for name in ("exp_avg", "exp_avg_sq"):

@@ -6,25 +6,29 @@ x = z - g(x)) and log|det J_f| = tr log(I + J_g), estimated by a pluggable estim
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from .config import MLP, Conv, ModelConfig
-from .layers import ActNorm, Flow, FlowSequence, Squeeze, Whiten
-from .lipschitz import LipSwish, SpectralConv2d, SpectralLinear, refresh_spectral_norms, spectral_layers
-from .logdet import LogDetEstimator, PowerSeries
+from typing import TYPE_CHECKING
+
+from ..layers import ActNorm, Flow, FlowSequence, Squeeze, Whiten
+from .arch import MLP, Conv
+from .lipschitz import (
+    LipSwish, SpectralConv2d, SpectralLinear, converge_spectral_norms, load_power_vectors, power_vectors,
+    refresh_spectral_norms, spectral_layers,
+)
+from .logdet import Exact, LogDetEstimator, PowerSeries
+
+if TYPE_CHECKING:  # flows/config.py imports this family, not the other way round
+    from ..config import ModelConfig
 
 __all__ = [
     "FixedPointInfo",
     "ResidualBlock",
     "IResNet",
-    "PRECISIONS",
-    "training_precision",
     "fixed_point_inverse",
     "build_iresnet",
     "build_mlp_iresnet",
@@ -86,7 +90,12 @@ class ResidualBlock(Flow):
         self.eval_logdet = eval_logdet if eval_logdet is not None else logdet
         self.inverse_tol, self.inverse_max_iter = inverse_tol, inverse_max_iter
         self.last_inverse: FixedPointInfo | None = None
-        self.autocast_dtype: torch.dtype | None = None  # set by training_precision: g under autocast in training
+        self.autocast_dtype: torch.dtype | None = None  # set by layers.training_precision: g under autocast in training
+
+    @property
+    def exact_logdet(self) -> bool:
+        """Whether the eval-mode log-det is exact (the Exact estimator), not a stochastic estimate."""
+        return isinstance(self.eval_logdet, Exact)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         if self.training and self.autocast_dtype is not None:
@@ -121,7 +130,12 @@ class ResidualBlock(Flow):
 class IResNet(FlowSequence):
     """The flow of residual blocks: a FlowSequence whose training forward first refreshes the power iterations of all
     its spectral layers at once (refresh_spectral_norms: batched per shape, one host sync per few iterations), instead
-    of each layer refreshing itself, one at a time, when it is applied."""
+    of each layer refreshing itself, one at a time, when it is applied.
+
+    Its backbone hooks (layers.Flow): the training state is the power-iteration vectors (u, v) of every spectral
+    layer, the training run's warm start; `settle` converges them for the weights as they are, so that
+    Lip <= coeff holds exactly for saved, validated and returned weights.
+    """
 
     def __init__(self, layers: list[Flow]) -> None:
         super().__init__(layers)
@@ -134,35 +148,14 @@ class IResNet(FlowSequence):
             refresh_spectral_norms(self._spectral)
         return super().forward(x)
 
+    def training_state(self) -> dict[str, Tensor]:
+        return power_vectors(self)
 
-PRECISIONS = ("fp32", "tf32", "bf16")
+    def load_training_state(self, state: dict[str, Tensor]) -> None:
+        load_power_vectors(self, state)
 
-
-@contextlib.contextmanager
-def training_precision(flow: nn.Module, precision: str) -> Iterator[None]:
-    """Inside: the training steps of `flow` at `precision` (RuntimeConfig.precision); after: as before.
-
-    - "fp32": full float32 (float64) arithmetic; on CUDA also TF32 off for matmuls and cuDNN
-      convolutions (PyTorch's own default lets cuDNN use TF32).
-    - "tf32": CUDA matmuls and convolutions in TF32 (no effect on CPU).
-    - "bf16": tf32, and g of every residual block under bfloat16 autocast in training mode: its
-      convolutions / linear maps in bf16, its output cast back. The spectral norms' sigma, the
-      log-det sums, ActNorm and the prior stay in the model's dtype. Evaluation (eval mode) runs as built.
-    """
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
-    tf32 = precision != "fp32"
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    blocks = [m for m in flow.modules() if isinstance(m, ResidualBlock)]
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
-    for block in blocks:
-        block.autocast_dtype = torch.bfloat16 if precision == "bf16" else None
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-        for block in blocks:
-            block.autocast_dtype = None
+    def settle(self) -> None:
+        converge_spectral_norms(self)
 
 
 def _activation(name: str) -> nn.Module:
