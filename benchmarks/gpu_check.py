@@ -1,4 +1,4 @@
-"""GPU device check: one prepared run of at most ~8 minutes on one GPU, every result in OUT/gpu_check.json.
+"""GPU device check: one prepared run of at most ~8 minutes (+ --minutes for the second backbone) on one GPU, every result in OUT/gpu_check.json.
 
 Steps, each with its own time budget, each recorded as ok / failed / skipped (with the reason and the tail of a
 traceback) and its seconds; the JSON is rewritten after every step, so a run cut short keeps what it finished:
@@ -6,13 +6,15 @@ traceback) and its seconds; the JSON is rewritten after every step, so a run cut
 0. environment  python, torch, CUDA / cuDNN versions, device name, capability, memory, git commit if available
 1. pytest       `python -m pytest -m cuda -q -rs tests/test_cuda.py` (else `-m cuda` over tests/ but
                 tests/study and this check's own test): counts and the tail of its output (at most 2 minutes)
-2. fashion      the fashion-mnist `full` profile trained for --minutes (runtime.max_minutes) on the device:
+2. fashion      the fashion-mnist i-ResNet `full` profile trained for --minutes (runtime.max_minutes) on the device:
                 training images/s, then test accuracy and bits/dim on the full 10k test set (evaluate), evaluation
                 seconds, peak GPU memory
-3. cifar        CIFAR-10-shaped random data (uint8 3x32x32, 10 classes) at the cifar10 `full` model size: training
+3. fashion_coupling  the same for the coupling flow's `full` profile (both backbones in one prepared call)
+4. cifar        CIFAR-10-shaped random data (uint8 3x32x32, 10 classes) at the cifar10 `full` model size: training
                 images/s and peak memory at batch 64 and 256 (warm-up steps, then timed steps between
                 torch.cuda.synchronize calls; about a minute)
-4. report       `python -m mixflow_core report --profile smoke --device DEVICE`, only where papermill and jupyter
+5. precision    the i-ResNet `full` model's training precisions (fp32, tf32, bf16): img/s, the Lipschitz bound, syncs
+6. report       `python -m mixflow_core report --profile smoke --device DEVICE`, only where papermill and jupyter
                 import (skipped otherwise)
 
 --tiny is the CPU dry run of the same plumbing at smoke sizes, on generated files where the real ones are absent
@@ -59,7 +61,7 @@ sys.path.insert(0, str(ROOT))  # the package without installing it (PYTHONPATH=.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import header, table  # noqa: E402
 
-STEPS = ("environment", "pytest", "fashion", "cifar", "precision", "report")
+STEPS = ("environment", "pytest", "fashion", "fashion_coupling", "cifar", "precision", "report")
 REPORT_MISSING = "papermill/jupyter not installed on this machine"
 REPORT_MODULES = ("papermill", "nbclient", "jupyter_client", "jupyter_core", "ipykernel")  # what executing needs
 FASHION_STEMS = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
@@ -246,7 +248,7 @@ class Check:
 
     def budget(self, name: str) -> float:
         """Seconds a step may take (its hard limit; subprocesses get a little less)."""
-        if name == "fashion":
+        if name in ("fashion", "fashion_coupling"):
             return (min(self.args.minutes, 1.0) * 60 + 60) if self.tiny else self.args.minutes * 60 + 75
         return {"environment": 60, "pytest": 120, "cifar": 60 if self.tiny else 80, "precision": 60 if self.tiny else 80,
                 "report": 300}[name]
@@ -358,6 +360,15 @@ class Check:
 
     # 2 -------------------------------------------------------------------------------------------------
     def fashion(self, rec: dict[str, Any]) -> None:
+        """The i-ResNet's Fashion-MNIST profile (full; smoke with --tiny) for --minutes."""
+        self._fashion(rec, "iresnet")
+
+    # 3 -------------------------------------------------------------------------------------------------
+    def fashion_coupling(self, rec: dict[str, Any]) -> None:
+        """The coupling flow's Fashion-MNIST profile, the same way."""
+        self._fashion(rec, "coupling")
+
+    def _fashion(self, rec: dict[str, Any], backbone: str) -> None:
         from mixflow_core.data import DEBIAN_FASHION_MNIST, load_data
         from mixflow_core.eval.metrics import evaluate
         from mixflow_core.flows.model import build_model
@@ -389,8 +400,9 @@ class Check:
                 rec["data"] = f"idx files in {root or DEBIAN_FASHION_MNIST}"
             if root is not None:
                 overrides["data.root"] = root
-            cfg = apply_overrides(get_profile("fashion-mnist", profile), overrides)
-            rec.update(profile=profile, model=str(cfg.model.arch), logdet=type(cfg.model.logdet).__name__,
+            cfg = apply_overrides(get_profile("fashion-mnist", profile, backbone), overrides)
+            rec.update(profile=profile, backbone=backbone, model=str(cfg.model.arch),
+                       logdet=type(cfg.model.logdet).__name__ if backbone == "iresnet" else "exact (coupling)",
                        batch_size=cfg.train.batch_size, max_minutes=cfg.runtime.max_minutes)
             t0 = time.perf_counter()
             data = load_data(cfg.data)
@@ -433,7 +445,7 @@ class Check:
         root = Path(self.args.fashion_root)
         return root if root.is_absolute() else ROOT / root
 
-    # 3 -------------------------------------------------------------------------------------------------
+    # 4 -------------------------------------------------------------------------------------------------
     def cifar(self, rec: dict[str, Any]) -> None:
         from mixflow_core.data import load_data
         from mixflow_core.flows.model import build_model
@@ -448,7 +460,7 @@ class Check:
             # 5 training files of max(batches) / 4 images: more than the largest batch after the validation split
             root = write_fake_cifar(Path(tmp), n_per_batch=max(20, math.ceil(max(batches) / 4)))
             overrides = {"data.root": str(root), "data.train_limit": None, "runtime.device": self.args.device}
-            cfg = apply_overrides(get_profile("cifar10", profile), overrides)
+            cfg = apply_overrides(get_profile("cifar10", profile, "iresnet"), overrides)
             data = load_data(cfg.data)
         rec.update(profile=profile, model=str(cfg.model.arch), logdet=type(cfg.model.logdet).__name__,
                    data="random uint8 3x32x32 images, 10 balanced classes, written as CIFAR-10 batches", rows=[])
@@ -489,7 +501,7 @@ class Check:
         if failed:
             raise StepFailed(f"batch size(s) {[r['batch'] for r in failed]} failed: {failed[0]['error'].splitlines()[0]}")
 
-    # 4 -------------------------------------------------------------------------------------------------
+    # 5 -------------------------------------------------------------------------------------------------
     def precision(self, rec: dict[str, Any]) -> None:
         """runtime.precision measured before it may become a default: training img/s of the Fashion-MNIST `full` model
         (random images, batch 64) under fp32, tf32 and bf16, and after each one's steps the bound (every spectral layer's
@@ -508,7 +520,7 @@ class Check:
         warmup, max_steps, timed_s = (1, 2, 3.0) if self.tiny else (2, 30, 10.0)
         with tempfile.TemporaryDirectory(prefix="gpu_check_precision_") as tmp:
             root = write_fake_fashion(Path(tmp), n_train=max(240, 2 * batch), n_test=20)
-            cfg = apply_overrides(get_profile("fashion-mnist", profile),
+            cfg = apply_overrides(get_profile("fashion-mnist", profile, "iresnet"),
                                   {"data.root": str(root), "data.train_limit": None, "runtime.device": self.args.device})
             data = load_data(cfg.data)
         torch.manual_seed(cfg.train.seed)
@@ -547,7 +559,7 @@ class Check:
         if broken:
             raise StepFailed(f"the Lipschitz bound broke after training steps at {broken}")
 
-    # 5 -------------------------------------------------------------------------------------------------
+    # 6 -------------------------------------------------------------------------------------------------
     def report(self, rec: dict[str, Any]) -> None:
         # GPU_CHECK_REPORT_MODULES (comma-separated) replaces the list: tests/test_gpu_check.py names a missing module
         # there, so that the dry run takes the device machine's path and stays short
@@ -643,7 +655,7 @@ def headline(name: str, rec: dict[str, Any]) -> str:
         return f"torch {rec['torch']}, CUDA {rec['cuda_build']}, {rec.get('device_name')}{mem}"
     if name == "pytest":
         return ", ".join(f"{n} {k}" for k, n in rec["counts"].items()) or "no summary"
-    if name == "fashion":
+    if name in ("fashion", "fashion_coupling"):
         peak = f", peak {rec['peak_memory_gib']:.2f} GiB" if rec.get("peak_memory_gib") is not None else ""
         return (f"{rec['img_per_s']:.1f} img/s train; test acc {rec['test_accuracy']:.4f}, {rec['test_bpd']:.4f} "
                 f"bits/dim (n={rec['test_n']}, eval {rec['eval_s']:.1f} s){peak}")

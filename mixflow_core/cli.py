@@ -19,7 +19,7 @@ from .study.ablation import ablate, markdown_table
 from .study.report import ReportError, plan, run_report
 from .study.widgets import fig_class_samples
 from .training.fit import NonFiniteLossError
-from .training.profiles import DATASETS, PROFILES, get_profile
+from .training.profiles import BACKBONES, DATASETS, DEFAULT_BACKBONE, PROFILES, get_profile
 from .training.runs import (
     CONFIG, HISTORY, METRICS, RunError, check_same_data, dataset_info, device_or_error, evaluate_seeded,
     load_run_model, merge_config, one_line, parse_set, read_config, read_config_file, refuse_resume_changes, train_run,
@@ -65,6 +65,7 @@ def _add_train(sub, common) -> None:
     t.add_argument("--dataset", choices=DATASETS, help="required unless --run-dir DIR --resume")
     t.add_argument("--profile", choices=PROFILES,
                    help="smoke (seconds), default (CPU) or full (GPU scale); default: default")
+    _backbone_argument(t)
     t.add_argument("--config", metavar="FILE", help="JSON (or YAML, with PyYAML) file {section: {field: value}}; "
                    "a run's config.json works too")
     _set_argument(t, "override fields")
@@ -110,19 +111,36 @@ def _add_sample(sub, common) -> None:
     s.add_argument("--out", type=Path, help="image file (default: RUN_DIR/samples.png)")
 
 
-def _dataset_and_profile(parser: argparse.ArgumentParser, dataset_default: str | None, profile_help: str) -> None:
-    """--dataset (required when there is no default) and --profile (default: default)."""
+def _dataset_and_profile(parser: argparse.ArgumentParser, dataset_default: str | None, profile_help: str,
+                         backbone: bool = True) -> None:
+    """--dataset (required when there is no default), --profile (default: default) and, if `backbone`, --backbone."""
     parser.add_argument("--dataset", choices=DATASETS, default=dataset_default, required=dataset_default is None,
                         help=f"default: {dataset_default}" if dataset_default else None)
     parser.add_argument("--profile", choices=PROFILES, default="default", help=f"{profile_help} (default: default)")
+    if backbone:
+        _backbone_argument(parser)
+
+
+def _backbone_argument(parser: argparse.ArgumentParser) -> None:
+    defaults = ", ".join(f"{d}: {b}" for d, b in DEFAULT_BACKBONE.items())
+    parser.add_argument("--backbone", choices=BACKBONES,
+                        help=f"the profile's backbone family, i-ResNet or affine coupling (default per dataset: {defaults})")
+
+
+def _backbone_tag(dataset: str, backbone: str | None) -> str:
+    """"-coupling" etc. in default directory names when a backbone other than the dataset's default is named."""
+    return f"-{backbone}" if backbone not in (None, DEFAULT_BACKBONE[dataset]) else ""
 
 
 def _add_ablate(sub, common) -> None:
     a = sub.add_parser("ablate", parents=[common], help="the student's configuration, then one factor at a time",
                        description="Train the student configuration (the original student model's choices), one "
                        "variant per factor changed toward the fix, and the dataset profile itself, with the same seeds "
-                       "and budget; write OUT/ablation.json and OUT/ablation.md. Rerunning skips finished rows.")
+                       "and budget; the backbone is a factor too (the student on the other family's architecture, and "
+                       "that family's profile). Write OUT/ablation.json and OUT/ablation.md. Rerunning skips finished rows.")
     _dataset_and_profile(a, None, "architecture and data")
+    a.add_argument("--no-backbone-factor", action="store_true",
+                   help="leave out the two variants on the other backbone family")
     a.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds, each run for every variant (default 0)")
     a.add_argument("--epochs", type=int, default=30, help="epochs per run, no early stopping (default 30)")
     a.add_argument("--max-minutes", type=float, help="wall-clock budget per run")
@@ -147,7 +165,7 @@ def _add_report(sub, common) -> None:
                        description="Execute notebooks/01-04 with papermill: train the fixed and the student "
                        "configuration (reusing finished runs), diagnose overlap, sample, and write the results "
                        "table. Executed notebooks go to --reports-dir, figures and the table to --figures-dir.")
-    _dataset_and_profile(r, "digits", "smoke (seconds), default (CPU) or full (GPU scale)")
+    _dataset_and_profile(r, "digits", "smoke (seconds), default (CPU) or full (GPU scale)", backbone=False)
     r.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
     r.add_argument("--seed", type=int, default=0, help="training seed of both configurations (default 0)")
     r.add_argument("--data-root", help="directory with the dataset files (fashion-mnist, cifar10)")
@@ -191,9 +209,11 @@ def _train(args: argparse.Namespace) -> int:
     if not (args.resume and args.run_dir):
         if args.dataset is None:
             raise RunError("train needs --dataset (or --run-dir DIR --resume to continue a run)")
-        fresh = merge_config(get_profile(args.dataset, profile), overrides)
-    run_dir = args.run_dir or Path("runs") / (f"{fresh.data.name}-{profile}{classes_tag(fresh.data.name, fresh.data.classes)}"
-                                              f"-seed{fresh.train.seed}")
+        fresh = merge_config(get_profile(args.dataset, profile, args.backbone), overrides)
+    elif args.backbone is not None:
+        raise RunError("--backbone chooses a profile for a new run; a resumed run keeps its saved architecture")
+    run_dir = args.run_dir or Path("runs") / (f"{fresh.data.name}-{profile}{_backbone_tag(fresh.data.name, args.backbone)}"
+                                              f"{classes_tag(fresh.data.name, fresh.data.classes)}-seed{fresh.train.seed}")
     if args.resume:  # the saved config is the base; config.resume_conflicts says what may change
         saved, profile, saved_info = read_config(run_dir)
         if args.dataset not in (None, saved.data.name) or args.profile not in (None, profile):
@@ -260,14 +280,20 @@ def _ablate(args: argparse.Namespace) -> int:
     overrides = parse_set(args.set)
     if args.data_root is not None:
         overrides["data.root"] = args.data_root
-    base = merge_config(get_profile(args.dataset, args.profile), overrides)
+    base = merge_config(get_profile(args.dataset, args.profile, args.backbone), overrides)
     if args.epochs < 1:
         raise RunError(f"--epochs must be >= 1, got {args.epochs}")
-    out = args.out or Path("runs") / f"ablation-{args.dataset}-{args.profile}"
+    out = args.out or Path("runs") / f"ablation-{args.dataset}-{args.profile}{_backbone_tag(args.dataset, args.backbone)}"
     if args.max_steps is not None and args.max_steps < 1:
         raise RunError(f"--max-steps must be >= 1, got {args.max_steps}")
+    other = None
+    if not args.no_backbone_factor:  # the other family's profile; overrides of the model section belong to base's
+        family = base.model.family
+        other_backbone = next(b for b in BACKBONES if b != family)
+        other = merge_config(get_profile(args.dataset, args.profile, other_backbone),
+                             {k: v for k, v in overrides.items() if not k.startswith("model.")})
     rows = ablate(base, out, tuple(args.seeds), args.epochs, args.max_minutes,
-                  tuple(args.only) if args.only else None, max_steps=args.max_steps)
+                  tuple(args.only) if args.only else None, max_steps=args.max_steps, other=other)
     print(markdown_table(rows))
     print(f"wrote {out / 'ablation.json'} and {out / 'ablation.md'}")
     return 0

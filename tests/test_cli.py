@@ -223,3 +223,22 @@ def test_yaml_config(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "yaml", None)  # as if PyYAML were not installed
     err = _error(["train", "--dataset", "digits", "--profile", "smoke", "--config", str(path)], capsys)
     assert "pip install pyyaml" in err
+
+
+def test_backbone_flag_picks_the_profile_family_and_names_the_run(tmp_path, capsys, monkeypatch):
+    """--backbone coupling trains the coupling variant of the profile into a directory that says so; it cannot
+    change a resumed run; an i-ResNet-only field set on it is refused with one line."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--dataset", "digits", "--profile", "smoke", "--backbone", "coupling"]) == 0
+    run = tmp_path / "runs" / "digits-smoke-coupling-seed0"
+    cfg = _json(run / "config.json")
+    assert cfg["model"]["arch"]["type"] == "coupling_mlp" and _json(run / "metrics.json")["test"]["n"] == 360
+    assert main(["train", "--dataset", "digits", "--profile", "smoke", "--backbone", "iresnet",
+                 "--set", "runtime.epochs=1"]) == 0  # the default family: no tag in the name
+    assert _json(tmp_path / "runs" / "digits-smoke-seed0" / "config.json")["model"]["arch"]["type"] == "mlp"
+    err = _error(["train", "--run-dir", str(run), "--resume", "--backbone", "iresnet"], capsys)
+    assert "resumed run keeps its saved architecture" in err
+    err = _error(["train", "--dataset", "digits", "--profile", "smoke", "--backbone", "coupling",
+                  "--set", "model.coeff=0.5", "--run-dir", str(tmp_path / "x")], capsys)
+    assert "model.coeff is an i-ResNet field" in err
+    _error(["train", "--dataset", "digits", "--backbone", "glow"], capsys)

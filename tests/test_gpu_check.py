@@ -21,7 +21,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
-STEPS = ("environment", "pytest", "fashion", "cifar", "precision", "report")
+STEPS = ("environment", "pytest", "fashion", "fashion_coupling", "cifar", "precision", "report")
 
 FAKE_CUDA_TESTS = '''
 import pytest
@@ -75,7 +75,7 @@ def test_dry_run_records_every_step(dry_run):
         assert rec["seconds"] >= 0
     assert steps["environment"]["torch"] and steps["environment"]["resolved_device"] == "cpu"
     log = (out / "gpu_check.log").read_text()
-    assert "| 2 fashion | ok |" in log and "| 3 cifar | ok |" in log and proc.stdout.count("| step |") == 1
+    assert "| 2 fashion | ok |" in log and "| 3 fashion_coupling | ok |" in log and "| 4 cifar | ok |" in log and proc.stdout.count("| step |") == 1
 
 
 def test_dry_run_pytest_step_runs_only_the_cuda_tests(dry_run):
@@ -98,6 +98,10 @@ def test_dry_run_fashion_and_cifar_numbers(dry_run):
     assert 0.0 <= fashion["test_accuracy"] <= 1.0 and math.isfinite(fashion["test_bpd"]) and fashion["test_bpd"] > 0
     assert fashion["test_n"] == fashion["n_test"] > 0 and fashion["img_per_s"] > 0 and fashion["eval_s"] > 0
     assert fashion["images_trained"] > 0 and fashion["peak_memory_gib"] is None  # CPU: no GPU memory
+    coupling = record["steps"]["fashion_coupling"]  # both backbones' profiles, the same way
+    assert coupling["status"] == "ok" and (fashion["backbone"], coupling["backbone"]) == ("iresnet", "coupling")
+    assert coupling["model"].startswith("CouplingConv") and fashion["model"].startswith("Conv")
+    assert 0.0 <= coupling["test_accuracy"] <= 1.0 and math.isfinite(coupling["test_bpd"]) and coupling["img_per_s"] > 0
     cifar = record["steps"]["cifar"]
     assert cifar["status"] == "ok", cifar
     assert [r["batch"] for r in cifar["rows"]] == [4, 8]

@@ -6,7 +6,11 @@ parameter including the prior; a 1-term log-det series; no ActNorm; no dequantis
 loss -log p(x|y) + 0.05 sum_{y' != y} log p(x|y') (push-away), no cross-entropy.
 
 Each variant changes exactly one of those choices to what the literature does (FlowGMM,
-IB-INN, Residual Flows); `combined fix` is the dataset's own profile. All variants share
+IB-INN, Residual Flows); `combined fix` is the dataset's own profile. Given the other backbone
+family's profile (`ablate(..., other=...)`), the backbone is a factor too: the student's
+configuration on the other family's architecture, and that family's own profile (the fixed
+configuration on both backbones). The student's i-ResNet-only choices (its 1-term log-det series,
+its initial scale of g) have no counterpart on a coupling flow and are left out there. All variants share
 seeds and budget (epochs, time, no early stopping). Every variant is evaluated the same way:
 test accuracy, conditional bits/dim *with* uniform dequantisation (a valid bound even for a
 model trained without noise), ECE, and overlap diagnostics of the class Gaussians.
@@ -30,6 +34,7 @@ import torch
 from ..data import Splits, load_data
 from ..eval.diagnostics import overlap_summary
 from ..eval.metrics import evaluate
+from ..flows.config import IRESNET_FIELDS
 from ..flows.model import build_model
 from ..training.config import RunConfig, apply_overrides, upgrade
 from ..training.fit import NonFiniteLossError, fit
@@ -55,15 +60,27 @@ class Variant:
     factor: str  # which of the student's choices it changes ("" for the student itself and the combined fix)
     overrides: dict[str, Any] = field(default_factory=dict)  # applied on top of the student configuration
     combined: bool = False  # True: the dataset profile itself (every fix at once)
+    other_backbone: bool = False  # True: on the other backbone family's architecture (combined: its own profile)
 
 
 def student_config(base: RunConfig) -> RunConfig:
-    """The student's configuration on the architecture and data of `base`."""
-    return apply_overrides(base, STUDENT_OVERRIDES)
+    """The student's configuration on the architecture and data of `base` (on a coupling flow without the
+    i-ResNet-only choices: the log-det series and g's initial scale)."""
+    overrides = STUDENT_OVERRIDES
+    if base.model.family != "iresnet":
+        overrides = {k: v for k, v in overrides.items() if k.removeprefix("model.") not in IRESNET_FIELDS}
+    return apply_overrides(base, overrides)
 
 
-def variants(dim: int) -> list[Variant]:
-    """Student, one variant per factor, and the combined fix; `dim` = data dimension D (hybrid beta = D)."""
+def variants(dim: int, other_family: str | None = None) -> list[Variant]:
+    """Student, one variant per factor, and the combined fix; `dim` = data dimension D (hybrid beta = D).
+
+    other_family: the other backbone family ("coupling" or "iresnet"): adds the student on its architecture and
+    its own profile."""
+    backbone = [] if other_family is None else [
+        Variant(f"backbone: {other_family}", "backbone", other_backbone=True),
+        Variant(f"combined fix, {other_family} backbone (its profile)", "", combined=True, other_backbone=True),
+    ]
     return [
         Variant("student", ""),
         Variant("means separated, fixed (FlowGMM)", "mean init / separation",
@@ -80,7 +97,9 @@ def variants(dim: int) -> list[Variant]:
         Variant("dequantisation noise", "dequantisation", {"model.dequantize": True}),
         Variant("likelihood loss", "objective", {"train.objective": "likelihood"}),
         Variant(f"hybrid loss (beta = D = {dim})", "objective", {"train.objective": {"type": "hybrid", "beta": float(dim)}}),
+        *backbone[:1],
         Variant("combined fix (dataset profile)", "", combined=True),
+        *backbone[1:],
     ]
 
 
@@ -127,11 +146,14 @@ def ablate(
     max_minutes: float | None = None,
     only: tuple[str, ...] | None = None,
     max_steps: int | None = None,
+    other: RunConfig | None = None,
 ) -> list[dict[str, Any]]:
     """Run the student configuration, the one-factor variants and the combined fix for each seed.
 
     Args:
         base: the dataset profile (the combined fix); the student's choices are applied on top of it.
+        other: the same dataset's profile on the other backbone family (profiles.get_profile(..., backbone));
+            adds the backbone variants (the student on its architecture, and `other` itself).
         out_dir: where ablation.json and ablation.md go (rows are saved after every run).
         seeds: training seeds, each run for every variant.
         epochs: epochs per run, no early stopping; max_minutes: wall-clock budget per run; max_steps: optimiser
@@ -155,11 +177,16 @@ def ablate(
     done = {(r["variant"], r["seed"]): i for i, r in enumerate(rows)}
     data = load_data(base.data)
     dim = math.prod(data.data_shape)
+    if other is not None and other.model.family == base.model.family:
+        raise ValueError(f"other must be a profile of the other backbone family, got a {other.model.family} one too")
     student = student_config(base)
-    for variant in variants(dim):
+    for variant in variants(dim, None if other is None else other.model.family):
         if only is not None and variant.name not in only:
             continue
-        cfg = base if variant.combined else apply_overrides(student, variant.overrides)
+        if variant.other_backbone:  # the backbone alone changed: the other family's architecture, or its profile
+            cfg = other if variant.combined else student_config(replace(base, model=other.model))
+        else:
+            cfg = base if variant.combined else apply_overrides(student, variant.overrides)
         for seed in seeds:
             run_cfg = _budget(cfg, epochs, max_minutes, seed, max_steps)
             key = (variant.name, seed)

@@ -1,10 +1,12 @@
 """The study's glue for the notebooks: which configuration to train, and what to compute from a run.
 
-Two configurations are compared throughout:
-- ``fixed``: the dataset profile (separated means, Sigma = I, hybrid loss, ActNorm,
-  dequantisation, >= 5 log-det terms: every fix at once);
-- ``student``: the original student's choices (ablation.STUDENT_OVERRIDES) on the same architecture
-  and data, trained without early stopping (its validation numbers are what collapse).
+Three configurations are compared:
+- ``fixed``: the dataset profile on its default backbone (every fix at once);
+- ``student``: the original student's choices (ablation.STUDENT_OVERRIDES) on the original study's
+  backbone, the i-ResNet profile's architecture, and the same data, trained without early stopping
+  (its validation numbers are what collapse);
+- ``fixed-<backbone>`` (CONFIGS' third, e.g. ``fixed-coupling``): the dataset's profile on the other
+  backbone family, so the report shows both families side by side.
 
 A notebook calls `run_config`, trains with runs.ensure_run, and later reads the run back with
 `load_run`; everything else here turns a run into numbers and figure inputs.
@@ -29,30 +31,49 @@ from ..flows.model import MixtureFlow
 from ..training.checkpoint import load_checkpoint
 from ..training.config import RunConfig, apply_overrides
 from ..training.io import json_safe
-from ..training.profiles import get_profile
+from ..training.profiles import BACKBONES, DEFAULT_BACKBONE, get_profile
 from ..training.runs import METRICS, RunError, check_same_data, dataset_info, load_run_model, read_history, read_json
 from .ablation import student_config
 
 __all__ = [
-    "CONFIGS", "run_config", "snapshot_epochs", "Run", "load_run", "load_runs", "overlap_numbers", "snapshot_models", "test_subset",
+    "CONFIGS", "configs", "other_backbone", "run_config", "snapshot_epochs", "Run", "load_run", "load_runs", "overlap_numbers", "snapshot_models", "test_subset",
     "gaussian_panel", "embedding_panels", "overlap_matrices", "results_rows", "table_cell", "markdown_results",
     "SAMPLE_QUALITY_TEMPERATURES", "sample_quality_rows", "markdown_sample_quality",
 ]
 
-CONFIGS = ("fixed", "student")
+CONFIGS = ("fixed", "student")  # the two every dataset has; configs(dataset) adds the other backbone's
+STUDENT_BACKBONE = "iresnet"  # the original study's transformation
+
+
+def other_backbone(dataset: str) -> str:
+    """The backbone family that is not the dataset's default."""
+    return next(b for b in BACKBONES if b != DEFAULT_BACKBONE[dataset])
+
+
+def configs(dataset: str) -> tuple[str, ...]:
+    """The report's configurations of a dataset: fixed, student, and fixed on the other backbone family.
+
+    Example:
+        >>> configs("digits")
+        ('fixed', 'student', 'fixed-coupling')
+    """
+    return (*CONFIGS, f"fixed-{other_backbone(dataset)}")
 
 
 def run_config(
     dataset: str, profile: str = "default", config: str = "fixed", seed: int = 0, device: str = "cpu",
     overrides: dict[str, Any] | None = None, data_root: str | None = None, progress: bool = True,
 ) -> RunConfig:
-    """The RunConfig of one of the study's configurations ("fixed" or "student") on a dataset profile."""
-    if config not in CONFIGS:
-        raise ValueError(f"config must be one of {CONFIGS}, got {config!r}")
-    cfg = get_profile(dataset, profile)
+    """The RunConfig of one of the study's configurations (`configs(dataset)`) on a dataset profile."""
+    if dataset in DEFAULT_BACKBONE and config not in configs(dataset):
+        raise ValueError(f"config must be one of {configs(dataset)}, got {config!r}")
     if config == "student":
-        cfg = student_config(cfg)
+        cfg = student_config(get_profile(dataset, profile, STUDENT_BACKBONE))
         cfg = replace(cfg, train=replace(cfg.train, early_stopping="none"))
+    elif config.startswith("fixed-"):
+        cfg = get_profile(dataset, profile, config.removeprefix("fixed-"))
+    else:
+        cfg = get_profile(dataset, profile)  # ValueError for an unknown dataset or profile
     flags: dict[str, Any] = {"train.seed": seed, "runtime.device": device, "runtime.progress": progress}
     if data_root:
         flags["data.root"] = data_root

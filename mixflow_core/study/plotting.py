@@ -21,7 +21,8 @@ __all__ = [
     "set_style", "class_colors", "save_figure", "sample_images", "fig_sample_grid", "fig_samples_2d",
     "fig_learning_curves", "mean_projection", "draw_gaussians", "fig_gaussian_ellipses", "fig_embedding", "fig_pairwise",
     "fig_distance_trajectory", "fig_confusion", "fig_image_strip", "most_overlapping_pairs", "fig_ablation",
-    "fig_ood_histograms", "fig_reliability",
+    "fig_ood_histograms", "fig_reliability", "frontier_points", "markdown_frontier", "fig_frontier",
+    "fig_bpd_per_image",
 ]
 
 
@@ -414,6 +415,107 @@ def fig_ablation(rows: list[dict[str, Any]], chance: float | None = None) -> Fig
         axes[0].legend(loc="lower right")
     axes[0].set_yticks(ypos, order)
     axes[1].set_xscale("log")
+    return fig
+
+
+# -- the backbones: hybrid frontier and learning per image ----------------------------------------
+
+BACKBONE_STYLE = {"coupling": ("tab:blue", "o", "coupling flow"), "iresnet": ("tab:orange", "s", "i-ResNet")}
+
+
+def frontier_points(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One point per (backbone, beta, minutes): mean test accuracy and bits/dim over seeds, with their min and max.
+
+    runs: rows of benchmarks/backbones_fashion.py (keys backbone, beta, minutes, seed, test_acc, test_bpd).
+    """
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in runs:
+        groups.setdefault((r["backbone"], float(r["beta"]), float(r["minutes"])), []).append(r)
+    points = []
+    for (backbone, beta, minutes), group in sorted(groups.items()):
+        acc, bpd = np.array([r["test_acc"] for r in group]), np.array([r["test_bpd"] for r in group])
+        points.append({"backbone": backbone, "beta": beta, "minutes": minutes, "seeds": len(group),
+                       "test_acc": float(acc.mean()), "acc_min": float(acc.min()), "acc_max": float(acc.max()),
+                       "test_bpd": float(bpd.mean()), "bpd_min": float(bpd.min()), "bpd_max": float(bpd.max())})
+    return points
+
+
+def markdown_frontier(runs: list[dict[str, Any]]) -> str:
+    """The frontier's points as a Markdown table: mean over seeds, with the range where there are several."""
+    def cell(mean: float, lo: float, hi: float, n: int, fmt: str) -> str:
+        return f"{mean:{fmt}}" + (f" ({lo:{fmt}}–{hi:{fmt}})" if n > 1 else "")
+
+    lines = ["| backbone | β | minutes | seeds | test accuracy | bits/dim (test) |", "|---|---|---|---|---|---|"]
+    for p in frontier_points(runs):
+        name = BACKBONE_STYLE.get(p["backbone"], (None, None, p["backbone"]))[2]
+        lines.append(f"| {name} | {p['beta']:g} | {p['minutes']:g} | {p['seeds']} | "
+                     f"{cell(p['test_acc'], p['acc_min'], p['acc_max'], p['seeds'], '.4f')} | "
+                     f"{cell(p['test_bpd'], p['bpd_min'], p['bpd_max'], p['seeds'], '.3f')} |")
+    return "\n".join(lines)
+
+
+def fig_frontier(runs: list[dict[str, Any]], baselines: Sequence[dict[str, Any]] = (), title: str = "") -> Figure:
+    """Test accuracy against test bits/dim over the hybrid weight beta, one line per backbone (and budget).
+
+    Points are means over seeds with min-max bars where there are several; each is labelled with its beta.
+    Baselines with a bits/dim (the per-class Gaussian) are points; those without (logistic regression) a
+    horizontal line. Lower bits/dim (left) and higher accuracy (up) are better.
+    """
+    fig = Figure(figsize=(7.5, 5), dpi=100, layout="constrained")
+    ax = fig.subplots()
+    points = frontier_points(runs)
+    shortest = min((p["minutes"] for p in points), default=0.0)
+    for (backbone, minutes) in sorted({(p["backbone"], p["minutes"]) for p in points}):
+        line = sorted((p for p in points if (p["backbone"], p["minutes"]) == (backbone, minutes)), key=lambda p: p["beta"])
+        color, marker, name = BACKBONE_STYLE.get(backbone, ("tab:gray", "^", backbone))
+        x, y = [p["test_bpd"] for p in line], [p["test_acc"] for p in line]
+        seeds = max(p["seeds"] for p in line)
+        label = f"{name}, {minutes:g} min" + (f" (mean of {seeds} seeds)" if seeds > 1 else "")
+        if minutes == shortest:  # the frontier: a line over beta
+            ax.plot(x, y, "-", color=color, marker=marker, label=label)
+        else:  # longer budgets: larger hollow markers, no line
+            ax.plot(x, y, ls="none", marker=marker, ms=11, mfc="none", mew=2, color=color, label=label)
+        for i, p in enumerate(line):
+            if p["seeds"] > 1:
+                ax.errorbar(p["test_bpd"], p["test_acc"], color=color, lw=1, capsize=2,
+                            xerr=[[p["test_bpd"] - p["bpd_min"]], [p["bpd_max"] - p["test_bpd"]]],
+                            yerr=[[p["test_acc"] - p["acc_min"]], [p["acc_max"] - p["test_acc"]]])
+            ax.annotate(f"β={p['beta']:g}" + (f", {minutes:g} min" if minutes != shortest else ""),
+                        (p["test_bpd"], p["test_acc"]), textcoords="offset points",
+                        xytext=(6, -12) if i % 2 == 0 else (6, 5), fontsize=8, color=color)
+    for b in baselines:
+        if b.get("test_bpd") is not None:
+            ax.plot(b["test_bpd"], b["test_acc"], "k*", ms=11, label=b["method"])
+        else:
+            ax.axhline(b["test_acc"], color="k", ls="--", lw=1, label=b["method"])
+    ax.set_xlabel("bits/dim (test; lower is better)")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(title or "hybrid frontier: loss = NLL/D + β·CE")
+    ax.legend(fontsize=8, loc="best")
+    return fig
+
+
+def fig_bpd_per_image(runs: list[dict[str, Any]], title: str = "") -> Figure:
+    """Validation bits/dim against images seen (left) and against training seconds (right), one line per run.
+
+    runs: rows with a "curve" (images, seconds, val_bpd per epoch) and backbone / name keys.
+    """
+    fig = Figure(figsize=(11, 4.2), dpi=100, layout="constrained")
+    axes = fig.subplots(1, 2, sharey=True)
+    for r in runs:
+        color, marker, name = BACKBONE_STYLE.get(r["backbone"], ("tab:gray", "^", r["backbone"]))
+        images = np.array([c["images"] for c in r["curve"]])
+        seconds = np.cumsum([c["seconds"] for c in r["curve"]])
+        bpd = np.array([c["val_bpd"] for c in r["curve"]])
+        label = f"{name}, β={r['beta']:g}, seed {r['seed']}"
+        axes[0].plot(images, bpd, "-", color=color, marker=marker, ms=3, label=label, alpha=0.8)
+        axes[1].plot(seconds / 60, bpd, "-", color=color, marker=marker, ms=3, alpha=0.8)
+    axes[0].set_xscale("log")
+    axes[0].set_xlabel("training images seen")
+    axes[1].set_xlabel("training minutes (batches only)")
+    axes[0].set_ylabel("bits/dim (validation)")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(title or "learning per image and per minute")
     return fig
 
 

@@ -77,21 +77,23 @@ def plan(
     reports_dir: str | Path = "reports", figures_dir: str | Path | None = None, runs_dir: str | Path = "runs/report",
     data_root: str | None = None, retrain: bool = False, ablation_json: str | Path | None = None,
     tsne: bool = True, baselines: str | None = None, classes: list[str | int] | None = None,
+    frontier_json: str | Path | None = None, long_runs_json: str | Path | None = None,
 ) -> list[Step]:
-    """The five notebook executions of a report (01 twice: fixed and student configuration), with absolute paths.
+    """The six notebook executions of a report (01 three times: the fixed configuration, the student's, and the fixed
+    configuration on the other backbone family), with absolute paths.
 
     classes: study only these classes (data.classes of both configurations, names or labels); the run and
     default figures directories then carry data.classes_tag (e.g. "fashion-mnist-default-classes-6-0-2-seed0").
 
     Example:
         >>> [(s.notebook, s.parameters.get("config")) for s in plan("digits", "smoke")]  # doctest: +NORMALIZE_WHITESPACE
-        [('01_train.ipynb', 'fixed'), ('01_train.ipynb', 'student'), ('02_overlap_diagnosis.ipynb', None),
-         ('03_sampling.ipynb', None), ('04_report_figures.ipynb', None)]
+        [('01_train.ipynb', 'fixed'), ('01_train.ipynb', 'student'), ('01_train.ipynb', 'fixed-coupling'),
+         ('02_overlap_diagnosis.ipynb', None), ('03_sampling.ipynb', None), ('04_report_figures.ipynb', None)]
     """
     from ..training.profiles import get_profile
-    from .analysis import CONFIGS
+    from .analysis import STUDENT_BACKBONE, configs
 
-    base = get_profile(dataset, profile)  # ValueError for an unknown pair
+    get_profile(dataset, profile)  # ValueError for an unknown pair
     if baselines is None:  # tens of thousands of images: 2 noise copies, short sklearn grids (minutes, not an hour)
         baselines = "full" if dataset in SMALL_DATASETS else "fast"
     tag = classes_tag(dataset, classes)  # ValueError for an unknown class
@@ -100,19 +102,26 @@ def plan(
                                            else f"figures/{dataset}-{profile}{tag}"))
     runs = project_path(runs_dir)
     name = f"{dataset}-{profile}{tag}-seed{seed}"
-    run = {c: str(runs / f"{name}-{c}") for c in CONFIGS}
+    run = {c: str(runs / f"{name}-{c}") for c in configs(dataset)}
     if ablation_json is None and not tag:  # the committed ablation of this dataset, when there is one
         committed = project_root() / "benchmarks" / "ablation" / f"{dataset}-{profile}.json"
         ablation_json = committed if committed.is_file() else ""
     ablation = str(project_path(ablation_json)) if ablation_json else ""
+    committed = {}  # the committed hybrid frontier and long runs of both backbones (benchmarks/backbones_*.py)
+    for kind, given in (("frontier", frontier_json), ("bar", long_runs_json)):
+        path = project_root() / "benchmarks" / "backbones" / f"{dataset}-{kind}.json"
+        if given is None:
+            given = path if path.is_file() and not tag else ""
+        committed[kind] = str(project_path(given)) if given else ""
     common = {"figures_dir": str(figures), "device": device}
     steps = []
-    for config in CONFIGS:
+    for config in configs(dataset):
         overrides: dict[str, Any] = {} if classes is None else {"data.classes": list(classes)}
         if config == "student":
-            overrides["runtime.epochs"] = min(base.runtime.epochs, STUDENT_MAX_EPOCHS)
-            if base.runtime.max_minutes is not None:
-                overrides["runtime.max_minutes"] = min(base.runtime.max_minutes, STUDENT_MAX_MINUTES)
+            student = get_profile(dataset, profile, STUDENT_BACKBONE)
+            overrides["runtime.epochs"] = min(student.runtime.epochs, STUDENT_MAX_EPOCHS)
+            if student.runtime.max_minutes is not None:
+                overrides["runtime.max_minutes"] = min(student.runtime.max_minutes, STUDENT_MAX_MINUTES)
         steps.append(Step(TRAIN, reports / f"{Path(TRAIN).stem}_{config}.ipynb", {
             **common, "dataset": dataset, "profile": profile, "config": config, "seed": seed, "overrides": overrides,
             "run_dir": run[config], "results_json": str(reports / f"{Path(TRAIN).stem}_{config}.json"), "data_root": data_root,
@@ -127,8 +136,9 @@ def plan(
     }, "sample per class"))
     steps.append(Step(FIGURES, reports / FIGURES, {
         **common, "fixed_run": run["fixed"], "student_run": run["student"], "ablation_json": ablation,
+        "other_run": run[configs(dataset)[2]],
         "results_json": str(reports / "04_report.json"), "table_md": str(figures / "results.md"),
-        "baselines": baselines, "seed": seed,
+        "baselines": baselines, "seed": seed, "frontier_json": committed["frontier"], "long_runs_json": committed["bar"],
     }, "results table and summary figures"))
     return steps
 

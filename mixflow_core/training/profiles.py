@@ -1,7 +1,9 @@
-"""Named configurations per dataset: smoke (seconds, for tests), default (CPU), full (GPU scale).
+"""Named configurations per dataset and backbone: smoke (seconds, for tests), default (CPU), full (GPU scale).
 
-A profile is a RunConfig (config.py). How each default was chosen, with the numbers, is in
-benchmarks/RESULTS.md; the comments here say only why.
+A profile is a RunConfig (config.py). Every (dataset, profile) exists for both backbone families,
+the i-ResNet ("iresnet", the original study's transformation) and affine coupling flows
+("coupling"); DEFAULT_BACKBONE says which one a dataset uses when none is named. How each default
+was chosen, with the numbers, is in benchmarks/RESULTS.md; the comments here say only why.
 """
 
 from __future__ import annotations
@@ -9,15 +11,20 @@ from __future__ import annotations
 from dataclasses import replace
 
 from ..data import DataConfig
-from ..flows.config import MLP, Conv, ModelConfig, PriorConfig
+from ..flows.config import IRESNET_FIELDS, MLP, Conv, CouplingConv, CouplingMLP, ModelConfig, PriorConfig
 from ..flows.iresnet.logdet import Exact, PowerSeries, RussianRoulette
 from ..flows.objectives import Hybrid
 from .config import RunConfig, RuntimeConfig, TrainConfig
 
-__all__ = ["get_profile", "PROFILES", "DATASETS"]
+__all__ = ["get_profile", "PROFILES", "DATASETS", "BACKBONES", "DEFAULT_BACKBONE"]
 
 DATASETS = ("digits", "fashion-mnist", "cifar10", "toy2d")
 PROFILES = ("smoke", "default", "full")
+BACKBONES = ("iresnet", "coupling")
+# the backbone a dataset's profiles use when none is named. Today the i-ResNet everywhere: the committed reports and
+# ablations were made with it. A dataset switches once its report is regenerated with the winner on validation
+# (RESULTS.md "The backbone as a factor"); cifar10 (not obtainable here) and toy2d have no measurement.
+DEFAULT_BACKBONE = {"digits": "iresnet", "fashion-mnist": "iresnet", "cifar10": "iresnet", "toy2d": "iresnet"}
 
 _CONV_IMAGE = dict(coeff=0.9, logdet=PowerSeries(n_terms=5), actnorm=True)
 _ROULETTE = RussianRoulette(n_exact_terms=2, neumann_gradient=True)  # unbiased; 2.3x the 5-term series' conv step
@@ -106,15 +113,70 @@ def _profiles() -> dict[tuple[str, str], RunConfig]:
     return p
 
 
-_ALL = _profiles()
+_IRESNET_DEFAULTS = {name: getattr(ModelConfig(), name) for name in IRESNET_FIELDS}
+_LEARNED_DIAGONAL = PriorConfig(init="zeros", learn_means=True, learn_scales=True, covariance="diagonal")
+FASHION_COUPLING_BETA = 0.1  # chosen on validation from the frontier (RESULTS.md "The backbone as a factor")
 
 
-def get_profile(dataset: str, profile: str = "default") -> RunConfig:
+def _on_coupling(cfg: RunConfig, arch: CouplingMLP | CouplingConv) -> RunConfig:
+    """cfg with a coupling architecture; the shared model fields (ActNorm, whitening, alpha, dequantisation) kept."""
+    return replace(cfg, model=replace(cfg.model, arch=arch, **_IRESNET_DEFAULTS))
+
+
+def _coupling_profiles(iresnet: dict[tuple[str, str], RunConfig]) -> dict[tuple[str, str], RunConfig]:
+    """The coupling variant of every profile. Vectors (digits, toy2d): the i-ResNet profile's prior, objective and
+    schedule with an MLP coupling flow, so the backbone is the one difference. Images: a Glow-style multi-scale flow
+    (squeeze, then ActNorm + LU 1x1 conv + affine coupling steps) with learned diagonal class Gaussians."""
+    p: dict[tuple[str, str], RunConfig] = {}
+    vectors = {"digits": ((128, 128), 8), "toy2d": ((64, 64), 6)}  # (conditioner widths, steps)
+    for name, (hidden, steps) in vectors.items():
+        for profile in ("default", "full"):
+            p[name, profile] = _on_coupling(iresnet[name, profile], CouplingMLP(hidden=hidden, n_steps=steps))
+        p[name, "smoke"] = _on_coupling(iresnet[name, "smoke"], CouplingMLP(hidden=(16,), n_steps=2))
+    for name in ("fashion-mnist", "cifar10"):
+        d = 784 if name == "fashion-mnist" else 3072
+        smoke = _on_coupling(iresnet[name, "smoke"], CouplingConv(channels=8, n_steps=1, n_scales=2))
+        p[name, "smoke"] = replace(smoke, prior=_LEARNED_DIAGONAL)
+        # CPU: 64 channels, 4 steps on each of 2 scales (121k parameters on 28x28x1); the cosine schedule's
+        # epochs end inside ~10 minutes at the throughput measured on 2 threads, max_minutes caps a slower machine
+        default = iresnet[name, "default"]
+        p[name, "default"] = replace(
+            _on_coupling(default, CouplingConv(channels=64, n_steps=4, n_scales=2)),
+            prior=_LEARNED_DIAGONAL,
+            train=replace(default.train, lr=1e-3, schedule="cosine", early_stopping="val_bpd",
+                          objective=Hybrid(beta=FASHION_COUPLING_BETA if name == "fashion-mnist" else 1.0)),
+            runtime=replace(default.runtime, epochs=9, max_minutes=12.0, patience=9),
+        )
+        # GPU, sized after FlowGMM's RealNVP (2 scales x 3 checkerboard + 3 channel couplings, ResNet conditioners
+        # of 64 channels, several blocks deep): 6 steps per scale with factor-out of half the channels after each
+        # scale but the last (3 scales on 32x32x3); our conditioners are 3 layers deep, so wider instead of deeper
+        full = iresnet[name, "full"]
+        p[name, "full"] = replace(
+            _on_coupling(full, CouplingConv(channels=256 if d == 784 else 512, n_steps=6, n_scales=2 if d == 784 else 3,
+                                            factor_out=True)),
+            prior=_LEARNED_DIAGONAL,
+            train=replace(full.train, lr=1e-3, objective=Hybrid(beta=FASHION_COUPLING_BETA if d == 784 else 1.0)),
+        )
+    return p
+
+
+def _all() -> dict[tuple[str, str, str], RunConfig]:
+    iresnet = _profiles()
+    coupling = _coupling_profiles(iresnet)
+    return {**{(d, p, "iresnet"): cfg for (d, p), cfg in iresnet.items()},
+            **{(d, p, "coupling"): cfg for (d, p), cfg in coupling.items()}}
+
+
+_ALL = _all()
+
+
+def get_profile(dataset: str, profile: str = "default", backbone: str | None = None) -> RunConfig:
     """The named RunConfig for a dataset.
 
     Args:
         dataset: one of DATASETS.
         profile: smoke (seconds, for tests), default (CPU) or full (GPU scale).
+        backbone: "iresnet" or "coupling"; None: the dataset's DEFAULT_BACKBONE.
 
     Returns:
         The frozen RunConfig; change it with config.apply_overrides or dataclasses.replace.
@@ -126,6 +188,9 @@ def get_profile(dataset: str, profile: str = "default") -> RunConfig:
         >>> cfg.runtime.epochs
         2
     """
-    if (dataset, profile) not in _ALL:
+    if backbone is not None and backbone not in BACKBONES:
+        raise ValueError(f"No backbone {backbone!r}; choose from {BACKBONES}")
+    key = (dataset, profile, backbone or DEFAULT_BACKBONE.get(dataset, "iresnet"))
+    if key not in _ALL:
         raise ValueError(f"No profile {profile!r} for dataset {dataset!r}; datasets {DATASETS}, profiles {PROFILES}")
-    return _ALL[dataset, profile]
+    return _ALL[key]

@@ -249,7 +249,9 @@ def test_report_plan_and_cli_carry_the_subset(tmp_path):
     trains = [s for s in steps if s.notebook == report.TRAIN]
     assert all(s.parameters["overrides"]["data.classes"] == ["shirt", "T-shirt/top"] for s in trains)
     assert [Path(s.parameters["run_dir"]).name for s in trains] == [
-        "fashion-mnist-default-classes-6-0-seed0-fixed", "fashion-mnist-default-classes-6-0-seed0-student"]
+        "fashion-mnist-default-classes-6-0-seed0-fixed", "fashion-mnist-default-classes-6-0-seed0-student",
+        "fashion-mnist-default-classes-6-0-seed0-fixed-coupling"]
+    assert steps[-1].parameters["frontier_json"] == ""  # the committed frontier is of all ten classes too
     assert Path(steps[-1].parameters["figures_dir"]).name == "fashion-mnist-default-classes-6-0"
     assert steps[-1].parameters["ablation_json"] == ""  # the committed ablation is of all ten classes
     args = build_parser().parse_args(["report", "--dataset", "digits", "--classes", "4, 9"])
@@ -283,6 +285,6 @@ def test_a_two_class_report_runs_end_to_end(tmp_path):
     assert all(sum(b["counts"]) == 72 for b in out["calibration"]["bins"].values())  # 72 test images of 4 and 9
     metrics = json.loads((Path(steps[0].parameters["run_dir"]) / "metrics.json").read_text())
     assert len(metrics["test"]["confusion"]) == 2 and metrics["test"]["n"] == 72
-    overlap = json.loads(Path(steps[2].parameters["results_json"]).read_text())
+    overlap = json.loads(Path(steps[3].parameters["results_json"]).read_text())
     assert overlap["fixed"]["most_confused"][0][:2] in (["4", "9"], ["9", "4"])
     assert out["ood"]["rows"] and all(r["n_in"] == 72 for r in out["ood"]["rows"])

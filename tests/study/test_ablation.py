@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from mixflow_core import (
+    ModelConfig,
     ActNorm, Exact, Hybrid, Likelihood, PowerSeries, PushAway, ResidualBlock, RussianRoulette, build_model,
 )
 from mixflow_core.cli import main
@@ -172,3 +173,41 @@ def test_an_ablation_written_by_mixflow_0_1_still_loads(tmp_path, monkeypatch) -
     monkeypatch.setattr(ablation, "_run_one", no_training)
     again = ablate(base, tmp_path, seeds=tuple(meta["seeds"]), epochs=meta["epochs"], max_minutes=meta["max_minutes"])
     assert again == rows
+
+
+def test_the_backbone_is_a_factor_of_the_ablation(tmp_path) -> None:
+    """With the other family's profile, the ablation adds the student on its architecture (only the model's
+    architecture and the i-ResNet-only fields differ from the student row) and that profile itself, at equal steps."""
+    base, other = get_profile("digits", "smoke", "iresnet"), get_profile("digits", "smoke", "coupling")
+    names = [v.name for v in variants(64, "coupling")]
+    assert names[-3:] == ["backbone: coupling", "combined fix (dataset profile)",
+                          "combined fix, coupling backbone (its profile)"]
+    rows = ablate(base, tmp_path, seeds=(0,), epochs=1, max_steps=3, other=other,
+                  only=("student", "backbone: coupling", "combined fix, coupling backbone (its profile)"))
+    by = {r["variant"]: r for r in rows}
+    assert [r["variant"] for r in rows] == ["student", "backbone: coupling", "combined fix, coupling backbone (its profile)"]
+    assert all(r["status"] == "step budget" and r["steps"] == 3 for r in rows)  # equal optimiser steps
+    student, coupled = (RunConfig.from_dict(by[n]["config"]) for n in ("student", "backbone: coupling"))
+    assert coupled.model.family == "coupling" and coupled.model.arch == other.model.arch
+    assert (coupled.data, coupled.prior, coupled.train, coupled.runtime) == \
+        (student.data, student.prior, student.train, student.runtime)  # the student's choices, all kept
+    assert not coupled.model.actnorm and not coupled.model.dequantize
+    assert coupled.model.logdet == ModelConfig().logdet  # the i-ResNet-only series has no meaning there
+    fixed = RunConfig.from_dict(by["combined fix, coupling backbone (its profile)"]["config"])
+    assert fixed.model == other.model.unbiased_eval() and fixed.prior == other.prior
+    assert fixed.train.objective == other.train.objective
+    with pytest.raises(ValueError, match="other backbone family"):
+        ablate(base, tmp_path, other=base)
+
+
+def test_ablate_command_line_adds_the_other_backbone(tmp_path, capsys) -> None:
+    out = tmp_path / "abl"
+    assert main(["ablate", "--dataset", "digits", "--profile", "smoke", "--epochs", "1", "--max-steps", "2",
+                 "--out", str(out), "--only", "backbone: coupling"]) == 0
+    rows = json.loads((out / "ablation.json").read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["backbone: coupling"]
+    assert rows[0]["config"]["model"]["arch"]["type"] == "coupling_mlp" and rows[0]["steps"] == 2
+    none = tmp_path / "none"
+    assert main(["ablate", "--dataset", "digits", "--profile", "smoke", "--epochs", "1", "--out", str(none),
+                 "--only", "backbone: coupling", "--no-backbone-factor"]) == 0
+    assert not (none / "ablation.json").exists()  # no variant left to run: nothing trained, nothing written

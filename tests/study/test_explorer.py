@@ -122,3 +122,20 @@ def test_static_pngs(frames, tmp_path):
     saved = OverlapExplorer(frames).save_static(FigureLog(tmp_path, show=False))
     assert len(saved) == 2 + 2 * (len(PICKS) - 1)
     assert all((tmp_path / name).read_bytes().startswith(PNG_SIGNATURE) for name in saved)
+
+
+def test_the_explorer_shows_a_coupling_flow(tmp_path):
+    """The overlap explorer works on the coupling backbone: its snapshots, the table behind p(y|x), the views."""
+    with float64_one_thread():
+        cfg = study.run_config("digits", "smoke", "fixed-coupling", progress=False, overrides={"runtime.epochs": 2})
+        assert cfg.model.family == "coupling"
+        runs.ensure_run(cfg, tmp_path / "coupling", "smoke", (1,))
+        loaded = study.load_runs({"fixed-coupling": tmp_path / "coupling"})
+        points = study.test_subset(loaded["fixed-coupling"].data.test, 60, 0)
+        frames = explorer_frames(loaded, points)
+    assert frames.labels["fixed-coupling"][0] == "epoch 1" and frames.n_frames == 2
+    post = torch.stack([frames.posterior("fixed-coupling", i) for i in range(5)])
+    assert torch.allclose(post.sum(1), torch.ones(5, dtype=post.dtype))
+    assert render_epoch(frames, 1).startswith(PNG_SIGNATURE)
+    ood = pick_image(frames, "fixed-coupling", "most OOD")
+    assert render_image(frames, "fixed-coupling", ood).startswith(PNG_SIGNATURE)

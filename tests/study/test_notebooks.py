@@ -73,8 +73,19 @@ def test_notebooks_lint_clean():
 @pytest.fixture(scope="module")
 def smoke_report(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("report")
+    frontier = tmp / "frontier.json"  # a two-run frontier table of the shape benchmarks/backbones_fashion.py writes
+    frontier.write_text(json.dumps({"runs": [
+        {"backbone": b, "beta": beta, "minutes": 5.0, "seed": 0, "test_acc": acc, "test_bpd": bpd,
+         "curve": [{"images": 64, "seconds": 1.0, "val_bpd": bpd + 1}, {"images": 128, "seconds": 1.0, "val_bpd": bpd}]}
+        for b, beta, acc, bpd in (("coupling", 0.1, 0.86, 3.6), ("iresnet", 0.1, 0.8, 4.4))],
+        "baselines": [{"method": "logistic regression (C)", "test_acc": 0.85, "test_bpd": None}]}))
+    long_runs = tmp / "bar.json"  # one long run, drawn on the frontier and as the learning curves
+    long_runs.write_text(json.dumps({"runs": [
+        {"backbone": "coupling", "beta": 0.1, "minutes": 20.0, "seed": 0, "test_acc": 0.87, "test_bpd": 3.4,
+         "curve": [{"images": 64 * i, "seconds": 1.0, "val_bpd": 3.4 + 1 / i} for i in (1, 2, 3)]}]}))
     steps = report.plan("digits", "smoke", reports_dir=tmp / "reports", figures_dir=tmp / "figures",
-                        runs_dir=tmp / "runs", ablation_json="", baselines="fast")
+                        runs_dir=tmp / "runs", ablation_json="", baselines="fast", frontier_json=frontier,
+                        long_runs_json=long_runs)
     lines: list[str] = []
     summary = report.run_report(steps, echo=lines.append)
     return steps, summary, lines, tmp
@@ -91,15 +102,15 @@ def _is_png(path: str | Path) -> bool:
 def test_report_runs_every_notebook_and_says_so(smoke_report):
     steps, summary, lines, tmp = smoke_report
     assert [s["notebook"] for s in summary["steps"]] == [s.notebook for s in steps]
-    assert len(steps) == 5 and all(Path(s.output).is_file() for s in steps)
-    assert any("done in" in line for line in lines) and lines[0].startswith("[1/5]")
+    assert len(steps) == 6 and all(Path(s.output).is_file() for s in steps)
+    assert any("done in" in line for line in lines) and lines[0].startswith("[1/6]")
     saved = json.loads((tmp / "reports" / "report.json").read_text())
     assert saved["table"] == summary["table"] and "mixture flow: fixed" in saved["table"]
 
 
 def test_train_notebook_writes_the_run_and_its_metrics(smoke_report):
     steps = smoke_report[0]
-    for step in steps[:2]:
+    for step in steps[:3]:
         out = _json(step)
         run_dir = Path(out["run_dir"])
         saved = json.loads((run_dir / "metrics.json").read_text())
@@ -115,6 +126,9 @@ def test_train_notebook_writes_the_run_and_its_metrics(smoke_report):
     assert student_cfg["train"]["objective"] == {"type": "push_away", "lam": 0.05}
     assert student_cfg["model"]["logdet"]["type"] == "power_series" and student_cfg["model"]["logdet"]["n_terms"] == 1
     assert student_cfg["train"]["prior_weight_decay"] == 5e-4
+    fixed_cfg, other_cfg = (json.loads((Path(_json(steps[i])["run_dir"]) / "config.json").read_text()) for i in (0, 2))
+    assert fixed_cfg["model"]["arch"]["type"] == "mlp" and other_cfg["model"]["arch"]["type"] == "coupling_mlp"
+    assert (fixed_cfg["prior"], fixed_cfg["train"]) == (other_cfg["prior"], other_cfg["train"])  # only the backbone
 
 
 def test_rerunning_train_reuses_the_finished_run(smoke_report):
@@ -127,8 +141,8 @@ def test_rerunning_train_reuses_the_finished_run(smoke_report):
 
 def test_overlap_notebook_numbers_match_the_models(smoke_report):
     steps = smoke_report[0]
-    out = _json(steps[2])
-    runs = study.load_runs({"fixed": steps[2].parameters["fixed_run"], "student": steps[2].parameters["student_run"]})
+    out = _json(steps[3])
+    runs = study.load_runs({"fixed": steps[3].parameters["fixed_run"], "student": steps[3].parameters["student_run"]})
     for config, run in runs.items():
         d = off_diagonal(run.model.prior.mean_distances().detach().double())
         assert out[config]["overlap"]["mean_dist_min_sigma"] == pytest.approx(float(d.min()), rel=1e-6)  # float32 model
@@ -142,7 +156,7 @@ def test_overlap_notebook_numbers_match_the_models(smoke_report):
 
 
 def test_sampling_notebook_saves_what_it_lists(smoke_report):
-    out = _json(smoke_report[0][3])
+    out = _json(smoke_report[0][4])
     paths = out["figures"]
     assert {Path(p).name for p in paths} == {"03_samples_per_class.png", "03_interpolation.png"}
     assert all(_is_png(p) for p in paths)
@@ -152,10 +166,11 @@ def test_sampling_notebook_saves_what_it_lists(smoke_report):
 
 def test_report_table_matches_the_runs_and_baselines(smoke_report):
     steps = smoke_report[0]
-    out = _json(steps[4])
+    out = _json(steps[5])
     rows = {r["method"]: r for r in out["rows"]}
-    for config, key in (("fixed", "mixture flow: fixed"), ("student", "mixture flow: student")):
-        metrics = json.loads((Path(steps[4].parameters[f"{config}_run"]) / "metrics.json").read_text())
+    for config, key in (("fixed", "mixture flow: fixed"), ("student", "mixture flow: student"),
+                        ("other", "mixture flow: fixed-coupling")):  # both backbones side by side
+        metrics = json.loads((Path(steps[5].parameters[f"{config}_run"]) / "metrics.json").read_text())
         assert rows[key]["accuracy"] == metrics["test"]["accuracy"]
         assert rows[key]["ece"] == metrics["test"]["ece"]
     baselines = [r for r in out["rows"] if r["kind"] == "baseline"]
@@ -166,9 +181,23 @@ def test_report_table_matches_the_runs_and_baselines(smoke_report):
     assert all(_is_png(p) for p in out["samples"].values())
 
 
+def test_report_draws_the_committed_frontier_table(smoke_report):
+    out = _json(smoke_report[0][5])
+    assert out["frontier_json"] == str(smoke_report[0][5].parameters["frontier_json"])
+    drawn = {Path(f).name: f for f in out["figures"]}
+    assert _is_png(drawn["04_frontier.png"]) and _is_png(drawn["04_bpd_per_image.png"])
+    assert out["long_runs_json"] == str(smoke_report[0][5].parameters["long_runs_json"])
+    executed = Path(smoke_report[0][5].output).read_text()
+    assert "| coupling flow | 0.1 | 20 | 1 | 0.8700 | 3.400 |" in executed  # the long run, a frontier point too
+    plain = report.plan("digits", "smoke")[-1].parameters
+    assert plain["frontier_json"] == plain["long_runs_json"] == ""  # no committed digits tables
+    fashion = report.plan("fashion-mnist", "default")[-1].parameters  # the committed Fashion-MNIST frontier
+    assert fashion["frontier_json"].endswith("benchmarks/backbones/fashion-mnist-frontier.json")
+
+
 def test_a_failing_cell_names_notebook_cell_and_partial_output(tmp_path):
     step = report.plan("digits", "smoke", reports_dir=tmp_path, figures_dir=tmp_path / "f",
-                       runs_dir=tmp_path / "no-such-runs", ablation_json="")[2]
+                       runs_dir=tmp_path / "no-such-runs", ablation_json="")[3]
     with pytest.raises(report.ReportError) as err:
         report.execute(step)
     message = str(err.value)
@@ -264,10 +293,10 @@ def test_report_runs_on_cifar10_shaped_images(tmp_path):
     report.run_report(steps, echo=lambda _: None)
     trained = _json(steps[0])
     assert trained["metrics"]["test"]["n"] == 20 and math.isfinite(trained["metrics"]["test"]["bpd_conditional"])
-    sampled = _json(steps[3])
+    sampled = _json(steps[4])
     assert all(_is_png(p) for p in sampled["figures"])
-    out = _json(steps[4])
-    assert {r["method"] for r in out["rows"]} == {"mixture flow: fixed", "mixture flow: student"}
+    out = _json(steps[5])
+    assert {r["method"] for r in out["rows"]} == {"mixture flow: fixed", "mixture flow: student", "mixture flow: fixed-coupling"}
     assert {r["model"] for r in out["ood"]["rows"]} == {"mixture flow"}  # no baselines: the flow's OOD rows only
     assert {r["ood_set"] for r in out["ood"]["rows"]} >= {"uniform noise", "flipped"}
     assert all(r["n_in"] == 20 for r in out["ood"]["rows"])
@@ -281,7 +310,7 @@ def test_parameter_defaults_point_where_make_report_writes():
         defaults: dict = {}
         exec(compile(cell.source, str(path), "exec"), {}, defaults)  # plain assignments (checked above)
         planned = [s.parameters for s in steps if s.notebook == path.name]
-        for key in ("run_dir", "fixed_run", "student_run", "figures_dir"):
+        for key in ("run_dir", "fixed_run", "student_run", "other_run", "figures_dir"):
             if key in defaults and key in planned[0]:
                 expected = {str(Path(p[key]).relative_to(ROOT)) for p in planned}
                 assert defaults[key] in expected, f"{path.name}: {key} = {defaults[key]!r}, make report writes {expected}"

@@ -9,6 +9,7 @@ import pytest
 from matplotlib.figure import Figure
 from matplotlib.patches import Ellipse
 
+from mixflow_core.study import plotting
 from mixflow_core.study.plotting import (
     class_colors, fig_confusion, fig_distance_trajectory, fig_embedding, fig_gaussian_ellipses, fig_image_strip,
     fig_learning_curves, fig_pairwise, mean_projection, most_overlapping_pairs, save_figure, set_style,
@@ -271,3 +272,53 @@ def test_fig_ablation_bars_are_seed_means_and_diverged_runs_are_marked():
     assert ticks == {1.0: "student", 0.0: "fix"}  # table order, top to bottom
     crosses = [ln for ln in acc_ax.lines if ln.get_marker() == "x"]
     assert len(crosses) == 1 and list(crosses[0].get_xdata()) == [0]
+
+
+def _frontier_rows() -> list[dict]:
+    rows = []
+    for backbone, shift in (("coupling", 0.0), ("iresnet", 1.0)):
+        for beta, acc, bpd in ((0.0, 0.75, 3.6), (0.1, 0.85, 3.7), (1.0, 0.88, 4.1)):
+            for seed, noise in ((0, -0.01), (1, 0.01)):
+                rows.append({"backbone": backbone, "beta": beta, "minutes": 5.0, "seed": seed,
+                             "test_acc": acc - 0.1 * shift + noise, "test_bpd": bpd + shift + noise,
+                             "curve": [{"images": 64 * (i + 1), "seconds": 1.0, "val_bpd": bpd + 1 / (i + 1)}
+                                       for i in range(3)]})
+    return rows
+
+
+def test_frontier_points_are_seed_means_with_their_range() -> None:
+    points = plotting.frontier_points(_frontier_rows())
+    assert len(points) == 6 and all(p["seeds"] == 2 for p in points)
+    p = next(p for p in points if (p["backbone"], p["beta"]) == ("iresnet", 0.1))
+    assert p["test_acc"] == pytest.approx(0.75) and (p["acc_min"], p["acc_max"]) == pytest.approx((0.74, 0.76))
+    assert p["test_bpd"] == pytest.approx(4.7) and (p["bpd_min"], p["bpd_max"]) == pytest.approx((4.69, 4.71))
+
+
+def test_frontier_figure_draws_one_line_per_backbone_and_the_baselines() -> None:
+    baselines = [{"method": "per-class Gaussian", "test_acc": 0.72, "test_bpd": 4.97},
+                 {"method": "logistic regression", "test_acc": 0.846, "test_bpd": None}]
+    fig = plotting.fig_frontier(_frontier_rows(), baselines)
+    ax = fig.axes[0]
+    labels = [line.get_label() for line in ax.get_lines()]
+    assert "coupling flow, 5 min (mean of 2 seeds)" in labels and "i-ResNet, 5 min (mean of 2 seeds)" in labels
+    coupling = next(line for line in ax.get_lines() if line.get_label() == "coupling flow, 5 min (mean of 2 seeds)")
+    assert np.allclose(coupling.get_xdata(), [3.6, 3.7, 4.1]) and np.allclose(coupling.get_ydata(), [0.75, 0.85, 0.88])
+    gaussian = next(line for line in ax.get_lines() if line.get_label() == "per-class Gaussian")
+    assert (gaussian.get_xdata()[0], gaussian.get_ydata()[0]) == (4.97, 0.72)
+    assert any(line.get_label() == "logistic regression" and line.get_ydata()[0] == 0.846 for line in ax.get_lines())
+    assert sum(t.get_text() == "β=0.1" for t in ax.texts) == 2
+
+
+def test_bpd_per_image_plots_each_curve_against_images_and_minutes() -> None:
+    rows = _frontier_rows()[:2]
+    fig = plotting.fig_bpd_per_image(rows)
+    left, right = fig.axes
+    assert np.allclose(left.get_lines()[0].get_xdata(), [64, 128, 192])
+    assert np.allclose(right.get_lines()[0].get_xdata(), np.array([1, 2, 3]) / 60)
+    assert np.allclose(left.get_lines()[0].get_ydata(), [3.6 + 1, 3.6 + 0.5, 3.6 + 1 / 3])
+
+
+def test_markdown_frontier_lists_each_point_with_its_seed_range() -> None:
+    table = plotting.markdown_frontier(_frontier_rows())
+    assert table.count("\n") == 2 + 6 - 1
+    assert "| i-ResNet | 0.1 | 5 | 2 | 0.7500 (0.7400–0.7600) | 4.700 (4.690–4.710) |" in table

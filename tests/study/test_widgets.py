@@ -38,12 +38,13 @@ def _require(module: str):
 
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    """A digits smoke run (about 2 s)."""
+@pytest.fixture(scope="module", params=["iresnet", "coupling"])
+def run_dir(tmp_path_factory, request) -> Path:
+    """A digits smoke run (about 2 s), on each backbone family: the sampler decodes through either's inverse."""
     run = tmp_path_factory.mktemp("widgets") / "run"
     with float64_one_thread():
-        assert main(["train", "--dataset", "digits", "--profile", "smoke", "--run-dir", str(run)]) == 0
+        assert main(["train", "--dataset", "digits", "--profile", "smoke", "--backbone", request.param,
+                     "--run-dir", str(run)]) == 0
     return run
 
 

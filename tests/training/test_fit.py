@@ -475,10 +475,10 @@ DDP_SCRIPT = textwrap.dedent(
     from mixflow_core.training.fit import fit
 
     torch.set_default_dtype(torch.float64)
-    out = Path(sys.argv[1])
-    rc = get_profile("toy2d", "smoke")
+    out, backbone = Path(sys.argv[1]), sys.argv[2]
+    rc = get_profile("toy2d", "smoke", backbone)
     from mixflow_core import Exact
-    model_cfg = replace(rc.model, eval_logdet=Exact())
+    model_cfg = replace(rc.model, eval_logdet=Exact()) if backbone == "iresnet" else rc.model  # coupling: exact
     data = load_data(rc.data)
     torch.manual_seed(0)
     model = build_model(data.data_shape, data.num_classes, data.levels, model_cfg, rc.prior, data.class_counts())
@@ -490,14 +490,31 @@ DDP_SCRIPT = textwrap.dedent(
 )
 
 
-def test_ddp_two_processes_gloo(tmp_path):
+def _ddp_fit(tmp_path: Path, backbone: str) -> None:
     script = tmp_path / "ddp_fit.py"
     script.write_text(DDP_SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           str(script), str(tmp_path)]
+           str(script), str(tmp_path), backbone]
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def test_ddp_two_processes_gloo_coupling(tmp_path):
+    """The coupling backbone under DDP: both ranks end with the weights rank 0 saved, after two epochs that moved."""
+    _ddp_fit(tmp_path, "coupling")
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    s0, s1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert any("lower" in k for k in s0)  # an LU-parametrised invertible linear map: the coupling flow
+    assert_state_dicts_equal(s0, s1)
+    assert_state_dicts_equal(s0, ckpt["model"])
+    h0 = json.loads((tmp_path / "history0.json").read_text())
+    assert h0["stopped"] == "completed" and len(h0["epochs"]) == 2
+    assert h0["epochs"][0]["train_loss"] != h0["epochs"][1]["train_loss"]
+
+
+def test_ddp_two_processes_gloo(tmp_path):
+    _ddp_fit(tmp_path, "iresnet")
 
     files = sorted(p.name for p in (tmp_path / "run").iterdir())
     assert "checkpoint.pt" in files and not [f for f in files if f.endswith(".tmp")]
