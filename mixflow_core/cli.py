@@ -19,7 +19,7 @@ from .study.ablation import ablate, markdown_table
 from .study.report import ReportError, plan, run_report
 from .study.widgets import fig_class_samples
 from .training.fit import NonFiniteLossError
-from .training.profiles import BACKBONES, DATASETS, DEFAULT_BACKBONE, PROFILES, get_profile
+from .training.profiles import BACKBONES, DATASETS, DEFAULT_BACKBONE, PROFILES, get_profile, other_backbone
 from .training.runs import (
     CONFIG, HISTORY, METRICS, RunError, check_same_data, dataset_info, device_or_error, evaluate_seeded,
     load_run_model, merge_config, one_line, parse_set, read_config, read_config_file, refuse_resume_changes, train_run,
@@ -288,9 +288,7 @@ def _ablate(args: argparse.Namespace) -> int:
         raise RunError(f"--max-steps must be >= 1, got {args.max_steps}")
     other = None
     if not args.no_backbone_factor:  # the other family's profile; overrides of the model section belong to base's
-        family = base.model.family
-        other_backbone = next(b for b in BACKBONES if b != family)
-        other = merge_config(get_profile(args.dataset, args.profile, other_backbone),
+        other = merge_config(get_profile(args.dataset, args.profile, other_backbone(base.model.family)),
                              {k: v for k, v in overrides.items() if not k.startswith("model.")})
     rows = ablate(base, out, tuple(args.seeds), args.epochs, args.max_minutes,
                   tuple(args.only) if args.only else None, max_steps=args.max_steps, other=other)

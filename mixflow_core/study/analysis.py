@@ -31,7 +31,8 @@ from ..flows.model import MixtureFlow
 from ..training.checkpoint import load_checkpoint
 from ..training.config import RunConfig, apply_overrides
 from ..training.io import json_safe
-from ..training.profiles import BACKBONES, DEFAULT_BACKBONE, get_profile
+from ..training.profiles import DEFAULT_BACKBONE, get_profile
+from ..training.profiles import other_backbone as _other_family
 from ..training.runs import METRICS, RunError, check_same_data, dataset_info, load_run_model, read_history, read_json
 from .ablation import student_config
 
@@ -47,7 +48,7 @@ STUDENT_BACKBONE = "iresnet"  # the original study's transformation
 
 def other_backbone(dataset: str) -> str:
     """The backbone family that is not the dataset's default."""
-    return next(b for b in BACKBONES if b != DEFAULT_BACKBONE[dataset])
+    return _other_family(DEFAULT_BACKBONE[dataset])
 
 
 def configs(dataset: str) -> tuple[str, ...]:

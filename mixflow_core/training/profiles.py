@@ -16,7 +16,7 @@ from ..flows.iresnet.logdet import Exact, PowerSeries, RussianRoulette
 from ..flows.objectives import Hybrid
 from .config import RunConfig, RuntimeConfig, TrainConfig
 
-__all__ = ["get_profile", "PROFILES", "DATASETS", "BACKBONES", "DEFAULT_BACKBONE"]
+__all__ = ["get_profile", "PROFILES", "DATASETS", "BACKBONES", "DEFAULT_BACKBONE", "other_backbone"]
 
 DATASETS = ("digits", "fashion-mnist", "cifar10", "toy2d")
 PROFILES = ("smoke", "default", "full")
@@ -25,6 +25,17 @@ BACKBONES = ("iresnet", "coupling")
 # ablations were made with it. A dataset switches once its report is regenerated with the winner on validation
 # (RESULTS.md "The backbone as a factor"); cifar10 (not obtainable here) and toy2d have no measurement.
 DEFAULT_BACKBONE = {"digits": "iresnet", "fashion-mnist": "iresnet", "cifar10": "iresnet", "toy2d": "iresnet"}
+
+
+def _check_backbone(backbone: str) -> None:
+    if backbone not in BACKBONES:
+        raise ValueError(f"No backbone {backbone!r}; choose from {BACKBONES}")
+
+
+def other_backbone(backbone: str) -> str:
+    """The backbone family that is not `backbone`."""
+    _check_backbone(backbone)
+    return next(b for b in BACKBONES if b != backbone)
 
 _CONV_IMAGE = dict(coeff=0.9, logdet=PowerSeries(n_terms=5), actnorm=True)
 _ROULETTE = RussianRoulette(n_exact_terms=2, neumann_gradient=True)  # unbiased; 2.3x the 5-term series' conv step
@@ -188,8 +199,8 @@ def get_profile(dataset: str, profile: str = "default", backbone: str | None = N
         >>> cfg.runtime.epochs
         2
     """
-    if backbone is not None and backbone not in BACKBONES:
-        raise ValueError(f"No backbone {backbone!r}; choose from {BACKBONES}")
+    if backbone is not None:
+        _check_backbone(backbone)
     key = (dataset, profile, backbone or DEFAULT_BACKBONE.get(dataset, "iresnet"))
     if key not in _ALL:
         raise ValueError(f"No profile {profile!r} for dataset {dataset!r}; datasets {DATASETS}, profiles {PROFILES}")
