@@ -50,8 +50,11 @@ from mixflow_core.training.config import apply_overrides  # noqa: E402
 from mixflow_core.training.profiles import get_profile  # noqa: E402
 from mixflow_core.training.runs import ensure_run, read_config  # noqa: E402
 
+# pinned rather than read from the profile (which these runs chose; it moved to them on 2026-12-06), so the committed
+# runs stay resumable: the prior (moments_ridge unused by init="zeros", kept as the runs have it) and the schedule
 LEARNED_DIAGONAL = {"prior.init": "zeros", "prior.learn_means": True, "prior.learn_scales": True,
-                    "prior.covariance": "diagonal"}
+                    "prior.covariance": "diagonal", "prior.moments_ridge": 1e-3, "train.schedule": "constant",
+                    "runtime.patience": 3}
 BACKBONES = {  # overrides of the fashion-mnist default i-ResNet profile per backbone
     "coupling": {"model.arch": "coupling_conv"},
     "iresnet": {},

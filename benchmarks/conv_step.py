@@ -53,7 +53,7 @@ def matmul_gflops(n: int = 1024, repeats: int = 20) -> float:
 
 
 def measure(overrides: dict, steps: int, batch: int, profile: bool, channels_last: bool = False) -> dict:
-    cfg = apply_overrides(get_profile("fashion-mnist", "default"), overrides)
+    cfg = apply_overrides(get_profile("fashion-mnist", "default", "iresnet"), overrides)
     torch.manual_seed(0)
     model = build_model((1, 28, 28), 10, 256, cfg.model, cfg.prior)
     x = torch.randint(0, 256, (batch, 1, 28, 28), dtype=torch.uint8)

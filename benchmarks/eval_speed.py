@@ -38,7 +38,7 @@ def main() -> None:
     p.add_argument("--run-dir", type=Path, help="evaluate this run's best weights (default: a fresh model)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    cfg = get_profile("fashion-mnist", "default")
+    cfg = get_profile("fashion-mnist", "default", "iresnet")
     data = load_data(cfg.data)
     if args.run_dir is not None:
         model, cfg, _, _ = load_run_model(args.run_dir)

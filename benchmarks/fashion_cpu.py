@@ -106,14 +106,14 @@ def main() -> None:
     print(header(args.threads) + "\n")
     rows = []
     if not args.skip_smoke:
-        cfg = apply_overrides(get_profile("fashion-mnist", "smoke"), {"runtime.threads": args.threads})
+        cfg = apply_overrides(get_profile("fashion-mnist", "smoke", "iresnet"), {"runtime.threads": args.threads})
         t0 = time.perf_counter()
         row = run(cfg, "smoke", 0)
         row["total_s"] = time.perf_counter() - t0
         rows.append(row)
         print(f"smoke config: {json.dumps(cfg.to_dict())}\n", flush=True)
     if not args.skip_default:
-        cfg = get_profile("fashion-mnist", "default")
+        cfg = get_profile("fashion-mnist", "default", "iresnet")
         cfg = apply_overrides(cfg, {"runtime.threads": args.threads, "runtime.progress": False, **parse_set(args.set)})
         speed = step_speed(cfg)
         limit = args.train_limit

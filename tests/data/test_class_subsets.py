@@ -250,7 +250,7 @@ def test_report_plan_and_cli_carry_the_subset(tmp_path):
     assert all(s.parameters["overrides"]["data.classes"] == ["shirt", "T-shirt/top"] for s in trains)
     assert [Path(s.parameters["run_dir"]).name for s in trains] == [
         "fashion-mnist-default-classes-6-0-seed0-fixed", "fashion-mnist-default-classes-6-0-seed0-student",
-        "fashion-mnist-default-classes-6-0-seed0-fixed-coupling"]
+        "fashion-mnist-default-classes-6-0-seed0-fixed-iresnet"]
     assert steps[-1].parameters["frontier_json"] == ""  # the committed frontier is of all ten classes too
     assert Path(steps[-1].parameters["figures_dir"]).name == "fashion-mnist-default-classes-6-0"
     assert steps[-1].parameters["ablation_json"] == ""  # the committed ablation is of all ten classes

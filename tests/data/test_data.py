@@ -430,17 +430,19 @@ def test_test_limit_keeps_a_stratified_subset_of_the_test_split():
 
 
 def test_fashion_smoke_profile_trains_from_the_gaussian_start(tmp_path):
-    """The fashion-mnist smoke profile (the default's full-covariance moments prior and Russian-roulette estimator)
-    end to end on generated idx files: fit initialises the prior from the class moments of the initial latents,
-    trains with finite losses, and the model evaluates on the test split."""
+    """The fashion-mnist i-ResNet smoke profile (the default's Russian-roulette estimator) with the data-dependent
+    full-covariance moments prior, end to end on generated idx files: fit initialises the prior from the class
+    moments of the initial latents, trains with finite losses, and the model evaluates on the test split."""
     from mixflow_core.eval.metrics import evaluate
+    from mixflow_core.training.config import apply_overrides
     from mixflow_core.training.fit import fit
     from mixflow_core.training.profiles import get_profile
 
     write_fashion(tmp_path)
-    cfg = get_profile("fashion-mnist", "smoke")
-    assert cfg.prior.init == "moments" and cfg.prior.covariance == "full"
-    assert cfg.model.logdet == get_profile("fashion-mnist", "default").model.logdet
+    cfg = apply_overrides(get_profile("fashion-mnist", "smoke", "iresnet"),
+                          {"prior.init": "moments", "prior.covariance": "full", "prior.learn_scales": False,
+                           "prior.learn_means": False})
+    assert cfg.model.logdet == get_profile("fashion-mnist", "default", "iresnet").model.logdet
     s = load_data(replace(cfg.data, root=str(tmp_path)))
     torch.manual_seed(0)
     model = build_model(s.data_shape, s.num_classes, s.levels, cfg.model, cfg.prior, s.class_counts())
