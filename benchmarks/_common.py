@@ -10,6 +10,8 @@ import time
 
 import torch
 
+from mixflow_core.eval.tables import markdown_table
+
 
 def header(threads: int) -> str:
     """Command line, date and machine facts as Markdown lines."""
@@ -27,7 +29,7 @@ def header(threads: int) -> str:
 
 
 def table(rows: list[dict], columns: list[str] | None = None) -> str:
-    """A Markdown table of dicts (floats to 4 significant digits)."""
+    """A Markdown table of dicts (floats to 4 significant digits, None empty): eval.tables.markdown_table."""
     if not rows:
         return "(no rows)"
     columns = columns or list(rows[0])
@@ -37,9 +39,7 @@ def table(rows: list[dict], columns: list[str] | None = None) -> str:
             return f"{v:.4g}"
         return "" if v is None else str(v)
 
-    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
-    return "\n".join(lines)
+    return markdown_table(columns, ([fmt(r.get(c)) for c in columns] for r in rows))
 
 
 def loadavg() -> float:

@@ -1,7 +1,9 @@
-"""GPU device check: one prepared run of at most ~8 minutes (+ --minutes for the second backbone) on one GPU, every result in OUT/gpu_check.json.
+"""GPU device check: one prepared run of seven steps on one GPU, every result in OUT/gpu_check.json.
 
-Steps, each with its own time budget, each recorded as ok / failed / skipped (with the reason and the tail of a
-traceback) and its seconds; the JSON is rewritten after every step, so a run cut short keeps what it finished:
+The steps (STEPS, numbered 0 to 6), each with its own time budget (a hard limit, Check.budget), each recorded as
+ok / failed / skipped (with the reason and the tail of a traceback) and its seconds; the JSON is rewritten after
+every step, so a run cut short keeps what it finished. The limits add up to 490 s + 2 x --minutes (the two
+Fashion-MNIST trainings: 12.2 min at the default 2 minutes), plus 300 s where the report runs:
 
 0. environment  python, torch, CUDA / cuDNN versions, device name, capability, memory, git commit if available
 1. pytest       `python -m pytest -m cuda -q -rs tests/test_cuda.py` (else `-m cuda` over tests/ but

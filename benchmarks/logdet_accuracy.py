@@ -20,6 +20,7 @@ import torch
 from sklearn.datasets import load_digits
 
 from mixflow_core import ActNorm, Exact, ModelConfig, PowerSeries, PriorConfig, ResidualBlock, RussianRoulette, build_model
+from mixflow_core.eval.tables import markdown_table
 from mixflow_core.flows.objectives import likelihood
 
 
@@ -115,11 +116,11 @@ def main() -> None:
     exact_step = step_time(model, x_b, y_b, Exact(), args.time_steps)
     times = [step_time(model, x_b, y_b, est, args.time_steps) for est in estimators.values()]
 
-    print("\n| estimator | bias of batch mean (nats/sample) | per-sample RMS error (nats) | train step (ms) | vs exact |")
-    print("|---|---|---|---|---|")
-    for (name, bias, se, rms), t in zip(rows, times):
-        print(f"| {name} | {bias:+.4f} ± {se:.4f} | {rms:.3f} | {1e3 * t:.1f} | {exact_step / t:.1f}x faster |")
-    print(f"| exact (64 backward passes per block) | 0 | 0 | {1e3 * exact_step:.1f} | 1.0x |")
+    table = [[name, f"{bias:+.4f} ± {se:.4f}", f"{rms:.3f}", f"{1e3 * t:.1f}", f"{exact_step / t:.1f}x faster"]
+             for (name, bias, se, rms), t in zip(rows, times)]
+    table.append(["exact (64 backward passes per block)", 0, 0, f"{1e3 * exact_step:.1f}", "1.0x"])
+    print("\n" + markdown_table(["estimator", "bias of batch mean (nats/sample)", "per-sample RMS error (nats)",
+                                 "train step (ms)", "vs exact"], table))
 
 
 if __name__ == "__main__":

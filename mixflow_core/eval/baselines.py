@@ -9,6 +9,9 @@ fit data's class frequencies; accuracy, bits/dim and ECE come from mixflow_core.
 
 sklearn classifiers (QDA, logistic regression, RBF-SVC) see x / (L - 1) (x as is for continuous
 data), hyperparameters tuned by validation accuracy; they give accuracy and ECE, no bits/dim.
+
+For OOD detection (eval.ood) the same models score any inputs: gaussian_tables (the Gaussian's log p(x|k)
+of named input sets) and sklearn_max_posteriors (max_y p(y|x) of cheaply fit classifiers).
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ from ..flows.priors import ClassMoments, class_moments
 __all__ = [
     "RIDGES", "SKLEARN_GRIDS", "ClassMoments", "logit_space", "class_moments", "gaussian_log_likelihoods",
     "gaussian_baseline", "gaussian_test_table", "gaussian_samples", "sklearn_baselines", "baseline_table",
-    "FAST_GRIDS",
+    "FAST_GRIDS", "SKLEARN_METHODS", "SKLEARN_OOD_GRIDS", "SKLEARN_MAX_TRAIN", "gaussian_tables",
+    "check_sklearn_methods", "sklearn_max_posteriors",
 ]
 
 log = logging.getLogger(__name__)
@@ -258,6 +262,41 @@ def _val_score(method: str, param, seed: int, x_tr, y_tr, x_va, y_va):
         return float("-inf"), None
 
 
+def _sklearn_view(data: Splits, x: Tensor) -> np.ndarray:
+    """What the sklearn classifiers see of inputs x: (N, D) float64 x / (L - 1) (x as is for continuous data)."""
+    scale = 1.0 / (data.levels - 1) if data.levels is not None else 1.0
+    return x.reshape(len(x), -1).double().numpy() * scale
+
+
+def _sklearn_split(data: Splits, ds: TensorDataset) -> tuple[np.ndarray, np.ndarray]:
+    """(_sklearn_view of a split's inputs, its labels as int64 numpy)."""
+    x, y = ds.tensors
+    return _sklearn_view(data, x), y.long().numpy()
+
+
+def _fit_first_best(method: str, grid: Sequence, seed: int, x_tr, y_tr, x_va, y_va, name: str):
+    """The classifier of the first best validation accuracy over `grid`: (fitted, prob_model, index, accuracies).
+
+    prob_model gives p(k|x) (_probabilities); accuracies has one entry per grid point, -inf where the fit is
+    impossible; fitted and prob_model are None (index -1), with a warning naming the method by `name`, where no
+    grid point can be fit (QDA with fewer examples per class than features): the caller leaves the method out.
+    """
+    with warnings.catch_warnings():
+        # QDA warns about collinear variables at small reg_param (constant border pixels)
+        warnings.filterwarnings("ignore", message="Variables are collinear")
+        scores, clf = [], None
+        for p in grid:  # the first best fit is kept (deterministic: refitting it would give the same model)
+            score, fitted = _val_score(method, p, seed, x_tr, y_tr, x_va, y_va)
+            if fitted is not None and (clf is None or score > max(scores)):
+                clf = fitted
+            scores.append(score)
+        if clf is None:
+            log.warning("%s: no grid point could be fit on %d training examples; left out", name, len(y_tr))
+            return None, None, -1, scores
+        i = int(np.argmax(scores))  # first maximum: the kept fit
+        return clf, _probabilities(method, clf, grid[i], seed, x_tr, y_tr), i, scores
+
+
 def sklearn_baselines(
     data: Splits, seed: int = 0, methods: Sequence[str] = ("qda", "logistic"),
     grids: Mapping[str, Sequence] | None = None,
@@ -276,34 +315,20 @@ def sklearn_baselines(
     unknown = [m for m in methods if m not in SKLEARN_GRIDS]
     if unknown:
         raise ValueError(f"unknown sklearn baselines {unknown}; choose from {sorted(SKLEARN_GRIDS)}")
-    scale = 1.0 / (data.levels - 1) if data.levels is not None else 1.0
-    (x_tr, y_tr), (x_va, y_va), (x_te, y_te) = (
-        (x.numpy() * scale, y.numpy()) for x, y in (_flat(ds) for ds in (data.train, data.val, data.test))
-    )
+    (x_tr, y_tr), (x_va, y_va), (x_te, y_te) = (_sklearn_split(data, ds) for ds in (data.train, data.val, data.test))
     rows = []
     for method in methods:
         grid = list((grids or {}).get(method, SKLEARN_GRIDS[method]))
-        with warnings.catch_warnings():
-            # QDA warns about collinear variables at small reg_param (constant border pixels)
-            warnings.filterwarnings("ignore", message="Variables are collinear")
-            scores, clf = [], None
-            for p in grid:  # the first best fit is kept (deterministic: refitting it would give the same model)
-                score, fitted = _val_score(method, p, seed, x_tr, y_tr, x_va, y_va)
-                if fitted is not None and (clf is None or score > max(scores)):
-                    clf = fitted
-                scores.append(score)
-            if clf is None:
-                log.warning("%s: no grid point could be fit on %d training examples; row left out",
-                            _SKLEARN_NAMES[method], len(y_tr))
-                continue
-            i = int(np.argmax(scores))  # first maximum
-            prob_model = _probabilities(method, clf, grid[i], seed, x_tr, y_tr)
-            pred, proba = clf.predict(x_te), prob_model.predict_proba(x_te)
+        name = _SKLEARN_NAMES[method]
+        clf, prob_model, i, scores = _fit_first_best(method, grid, seed, x_tr, y_tr, x_va, y_va, name)
+        if clf is None:
+            continue
+        pred, proba = clf.predict(x_te), prob_model.predict_proba(x_te)
         probs = torch.zeros(len(y_te), data.num_classes, dtype=torch.float64)
         probs[:, torch.as_tensor(prob_model.classes_)] = torch.from_numpy(proba).double()  # classes absent from train: 0
         zeros = torch.zeros(data.num_classes, dtype=torch.float64)  # probs is already p(k|x)
         rows.append({
-            "method": _SKLEARN_NAMES[method], "accuracy": float((pred == y_te).mean()),
+            "method": name, "accuracy": float((pred == y_te).mean()),
             "bpd_conditional": None, "bpd_marginal": None,
             "ece": expected_calibration_error(torch.log(probs), torch.from_numpy(y_te), zeros),
             "reliability": reliability_bins(torch.log(probs), torch.from_numpy(y_te), zeros),
@@ -340,3 +365,121 @@ def baseline_table(data: Splits, seed: int = 0, fast: bool = False, draws: int =
             log.info("%d training examples: RBF-SVC left out (more than %d)", len(data.train), SVC_MAX_TRAIN)
         rows += sklearn_baselines(data, seed, methods=("qda", "logistic", "svc") if svc else ("qda", "logistic"))
     return rows
+
+
+# -- OOD detection (eval.ood): the baselines' densities and posteriors of any inputs ------------------------
+SKLEARN_METHODS: Mapping[str, str] = {"logistic": "logistic regression", "svc": "RBF-SVC", "qda": "QDA"}
+# small grids (tuned by validation accuracy, first best): an OOD table should not cost a full baseline search
+SKLEARN_OOD_GRIDS: Mapping[str, tuple] = {"logistic": FAST_GRIDS["logistic"], "qda": FAST_GRIDS["qda"],
+                                          "svc": ((10.0, "scale"),)}
+SKLEARN_MAX_TRAIN = 10_000  # sklearn_max_posteriors fits on at most this many (stratified) training examples
+
+
+def gaussian_tables(
+    data: Splits, inputs: Mapping[str, Tensor], alpha: float = ModelConfig.alpha, copies: int = 10, seed: int = 0,
+    ridge: float | None = None, ridges: Sequence[float] = RIDGES,
+) -> tuple[dict[str, Tensor], Tensor, float]:
+    """(N, K) log p(x|k) of any inputs under the per-class Gaussian in logit space (gaussian_test_table's).
+
+    The Gaussian is gaussian_test_table's: moments of `copies` dequantised copies of train from
+    numpy.random.default_rng(seed), ridge r chosen there on validation bits/dim (one more fit; pass `ridge`
+    to skip it). The generator then skips the validation draw and gives each input one noise draw, in the
+    order of `inputs`: with data.test first (and ridge the chosen one) its table equals gaussian_test_table's.
+
+    Args:
+        data: quantised Splits (levels not None).
+        inputs: {name: (N, ...) integer levels with data.data_shape's number of values per sample}.
+        alpha: the logit margin (the flow's ModelConfig.alpha).
+        copies, seed, ridges: as gaussian_test_table.
+        ridge: r; None chooses it as gaussian_test_table does.
+
+    Returns:
+        ({name: (N, K) float64 log p(x|k)}, log p(k) (K,) the training class frequencies, the ridge r).
+    """
+    if data.levels is None:
+        raise ValueError("the logit-space Gaussian needs quantised data (integer levels); this data set is "
+                         "continuous (levels None)")
+    if ridge is None:
+        ridge = gaussian_test_table(data, alpha, copies, seed, ridges)[3]["ridge"]
+    elif not ridge >= 0:
+        raise ValueError(f"ridge must be >= 0, got {ridge}")
+    if copies < 1:
+        raise ValueError(f"copies must be >= 1, got {copies}")
+    pre = LogitPreprocess(data.levels, alpha)
+    (x_tr, y_tr), (x_va, _) = _flat(data.train), _flat(data.val)
+    dim = x_tr.shape[1]
+    rng = np.random.default_rng(seed)
+
+    def noisy(x: Tensor) -> tuple[Tensor, Tensor]:
+        return logit_space(x, torch.from_numpy(rng.random(tuple(x.shape))), data.levels, alpha)
+
+    fit = class_moments(((noisy(x_tr)[0], y_tr) for _ in range(copies)), data.num_classes)
+    rng.random(tuple(x_va.shape))  # gaussian_test_table's validation draw: keeps its test noise for data.test
+    hs, logdets = [], []
+    for name, x in inputs.items():
+        if not isinstance(x, Tensor) or x.dim() < 2 or x[0].numel() != dim:
+            raise ValueError(f"input {name!r} must have {dim} values per sample, got shape "
+                             f"{tuple(getattr(x, 'shape', ()))}")
+        xf = x.reshape(len(x), -1).double()
+        pre.check(xf)
+        h, logdet = noisy(xf)
+        hs.append(h)
+        logdets.append(logdet)
+    # all inputs in one call: each class covariance is factorised once, not once per input set
+    table = gaussian_log_likelihoods(torch.cat(hs), fit, ridge) + torch.cat(logdets)[:, None]
+    tables = dict(zip(inputs, torch.split(table, [len(h) for h in hs])))
+    return tables, fit.log_class_probs(), float(ridge)
+
+
+def check_sklearn_methods(methods: str | Sequence[str]) -> tuple[str, ...]:
+    """The sklearn OOD baselines asked for, as a tuple of SKLEARN_METHODS keys; ValueError on an unknown one."""
+    methods = (methods,) if isinstance(methods, str) else tuple(methods)
+    unknown = [m for m in methods if m not in SKLEARN_METHODS]
+    if unknown:
+        raise ValueError(f"unknown sklearn OOD baselines {unknown}; choose from {sorted(SKLEARN_METHODS)}")
+    return methods
+
+
+def sklearn_max_posteriors(
+    data: Splits, inputs: Mapping[str, Tensor], methods: Sequence[str] = ("logistic",), seed: int = 0,
+    max_train: int | None = SKLEARN_MAX_TRAIN, grids: Mapping[str, Sequence] | None = None,
+) -> dict[str, dict[str, np.ndarray]]:
+    """max_y p(y|x) of sklearn classifiers for any inputs: the discriminative baseline of OOD detection.
+
+    Each method is fit as sklearn_baselines fits it (inputs x / (L - 1), hyperparameter = the first best
+    validation accuracy), but cheaply: on at most `max_train` training examples (a stratified subsample, seed
+    `seed`) and over SKLEARN_OOD_GRIDS (logistic C in (0.1, 1); RBF-SVC C = 10, gamma "scale", with
+    Platt-calibrated probabilities as in the baselines; QDA reg_param (0.1, 0.03, 0.01)). A method none of
+    whose grid points can be fit (QDA on too few examples) is left out with a warning.
+
+    Args:
+        data: the Splits (train to fit, val to tune).
+        inputs: {name: (N, ...) inputs with data.data_shape's number of values per sample}.
+        methods: keys of SKLEARN_METHODS.
+        seed: the subsample's and classifiers' seed.
+        max_train: the most training examples fit on (None: all).
+        grids: per-method grid overrides.
+
+    Returns:
+        {SKLEARN_METHODS[method]: {input name: (N,) max_y p(y|x), float64}}.
+    """
+    from sklearn.model_selection import train_test_split
+
+    methods = check_sklearn_methods(methods)
+    (x_tr, y_tr), (x_va, y_va) = (_sklearn_split(data, ds) for ds in (data.train, data.val))
+    if max_train is not None and max_train < len(y_tr):
+        x_tr, _, y_tr, _ = train_test_split(x_tr, y_tr, train_size=max_train, stratify=y_tr, random_state=seed)
+    xs = {}
+    for name, x in inputs.items():
+        if not isinstance(x, Tensor) or x.dim() < 2 or x[0].numel() != x_tr.shape[1]:
+            raise ValueError(f"input {name!r} must have {x_tr.shape[1]} values per sample, got shape "
+                             f"{tuple(getattr(x, 'shape', ()))}")
+        xs[name] = _sklearn_view(data, x)
+    out = {}
+    for method in methods:
+        grid = list((grids or {}).get(method, SKLEARN_OOD_GRIDS[method]))
+        prob_model = _fit_first_best(method, grid, seed, x_tr, y_tr, x_va, y_va, SKLEARN_METHODS[method])[1]
+        if prob_model is not None:
+            out[SKLEARN_METHODS[method]] = {name: prob_model.predict_proba(x).max(1).astype(np.float64)
+                                            for name, x in xs.items()}
+    return out

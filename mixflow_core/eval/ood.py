@@ -16,22 +16,16 @@ scores above every OOD input, 0.5 = chance, 0 = perfectly inverted (the score pr
 famous failure of likelihoods on e.g. SVHN vs CIFAR). AUPR's chance level is the positive fraction
 n_in / (n_in + n_ood), not 0.5.
 
-The same density scores come from the per-class Gaussian baseline in logit space (baselines.py: its
-class_moments / logit_space / gaussian_log_likelihoods, with the ridge gaussian_test_table picks), and
-max_posterior from sklearn classifiers (logistic regression, RBF-SVC through the calibrated wrapper the
-baselines use, QDA).
+The same density scores come from the per-class Gaussian baseline in logit space (baselines.gaussian_tables:
+gaussian_test_table's Gaussian on any inputs), and max_posterior from sklearn classifiers
+(baselines.sklearn_max_posteriors: logistic regression, RBF-SVC through the calibrated wrapper the baselines
+use, QDA). The OOD sets themselves (uniform noise, blur, contrast inversion, flips, another data set
+resampled) are data transforms: eval.ood_sets.
 
-OOD sets are pure transforms of integer-level tensors (shape, dtype and levels kept): uniform noise,
-Gaussian blur, contrast inversion L-1-x, horizontal flip, and another data set resampled to this one's
-shape and levels (resample_images: digits 8x8 at 17 levels <-> Fashion-MNIST 28x28 at 256 levels).
-Vector data (digits: (N, 64)) is viewed as images through `image_shape` ((1, 8, 8) by default for a square
-vector) and returned as vectors.
+This module: the scores, AUROC / AUPR, the rows and their Markdown table, and the orchestration (ood_scores,
+ood_table) that scores every model on every set.
 
 Example:
-    >>> import torch
-    >>> x = torch.tensor([[0, 3, 16, 8]], dtype=torch.uint8)  # one 2x2 "image" at 17 levels, as a vector
-    >>> invert_contrast(x, 17).tolist(), hflip(x).tolist()
-    ([[16, 13, 0, 8]], [[3, 0, 8, 16]])
     >>> auroc_aupr([2.0, 3.0, 4.0], [0.0, 1.0])  # in-distribution scores all higher: perfect
     (1.0, 1.0)
 """
@@ -40,7 +34,6 @@ from __future__ import annotations
 
 import logging
 import math
-import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -52,19 +45,17 @@ from torch.utils.data import TensorDataset
 from ..data import Splits
 from ..flows.config import ModelConfig
 from ..flows.model import MixtureFlow
-from ..flows.preprocess import LogitPreprocess
 from .baselines import (
-    FAST_GRIDS, GAUSSIAN_METHOD, RIDGES, _flat, _probabilities, _val_score, class_moments,
-    gaussian_log_likelihoods, gaussian_test_table, logit_space,
+    GAUSSIAN_METHOD, SKLEARN_MAX_TRAIN, check_sklearn_methods, gaussian_tables, sklearn_max_posteriors,
 )
 from .metrics import log_likelihood_table
+from .ood_sets import check_levels, random_subset
+from .tables import markdown_table
 
 __all__ = [
-    "SCORES", "SCORE_DESCRIPTIONS", "IN_DISTRIBUTION", "FLOW_METHOD", "SKLEARN_METHODS", "SKLEARN_OOD_GRIDS",
-    "SKLEARN_MAX_TRAIN", "density_scores", "typicality_score", "auroc_aupr", "ood_rows", "markdown_ood_table",
-    "uniform_noise", "gaussian_blur", "invert_contrast", "hflip", "resample_images", "other_dataset",
-    "standard_ood_sets", "flow_log_likelihoods", "flow_scores", "gaussian_tables", "gaussian_scores",
-    "sklearn_max_posteriors", "ood_scores", "ood_table",
+    "SCORES", "SCORE_DESCRIPTIONS", "IN_DISTRIBUTION", "FLOW_METHOD", "density_scores", "typicality_score",
+    "auroc_aupr", "ood_rows", "markdown_ood_table", "flow_log_likelihoods", "flow_scores", "gaussian_scores",
+    "ood_scores", "ood_table",
 ]
 
 log = logging.getLogger(__name__)
@@ -79,11 +70,6 @@ SCORE_DESCRIPTIONS: Mapping[str, str] = {
 }
 IN_DISTRIBUTION = "in-distribution"  # the key of the in-distribution (test) scores in flow_scores & co.
 FLOW_METHOD = "mixture flow"
-SKLEARN_METHODS: Mapping[str, str] = {"logistic": "logistic regression", "svc": "RBF-SVC", "qda": "QDA"}
-# small grids (tuned by validation accuracy, first best): an OOD table should not cost a full baseline search
-SKLEARN_OOD_GRIDS: Mapping[str, tuple] = {"logistic": FAST_GRIDS["logistic"], "qda": FAST_GRIDS["qda"],
-                                          "svc": ((10.0, "scale"),)}
-SKLEARN_MAX_TRAIN = 10_000  # sklearn classifiers are fit on at most this many (stratified) training examples
 
 
 # -- scores --------------------------------------------------------------------------------------------
@@ -248,214 +234,15 @@ def markdown_ood_table(rows: Sequence[Mapping[str, Any]]) -> str:
     """
     sets: list[str] = []
     lines_of: dict[tuple[str, str], dict[str, str]] = {}
-    n_ood: dict[str, int] = {}
+    n_ood: dict[str, tuple[int, float]] = {}
     for r in rows:
         if r["ood_set"] not in sets:
             sets.append(r["ood_set"])
             n_ood[r["ood_set"]] = (r["n_ood"], r["n_in"] / (r["n_in"] + r["n_ood"]))
         lines_of.setdefault((r["model"], r["score"]), {})[r["ood_set"]] = f"{r['auroc']:.3f} / {r['aupr']:.3f}"
-    lines = ["| model | score | " + " | ".join(f"{s} (n = {n_ood[s][0]}; AUPR chance {n_ood[s][1]:.3f})" for s in sets)
-             + " |",
-             "|---|---|" + "---|" * len(sets)]
-    for (model, score), cells in lines_of.items():
-        lines.append(f"| {model} | {score} | " + " | ".join(cells.get(s, "—") for s in sets) + " |")
-    return "\n".join(lines)
-
-
-# -- OOD sets: pure transforms of integer levels ------------------------------------------------------
-def _check_levels(x: Tensor, levels: int, what: str = "x") -> None:
-    if not isinstance(x, Tensor):
-        raise ValueError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
-    if isinstance(levels, bool) or not isinstance(levels, int) or levels < 2:
-        raise ValueError(f"levels must be an int >= 2, got {levels!r}")
-    if x.dim() < 2 or len(x) == 0:
-        raise ValueError(f"{what} must be a non-empty batch (N, ...), got shape {tuple(x.shape)}")
-    xf = x.double()
-    if not torch.isfinite(xf).all() or (xf != torch.round(xf)).any() or xf.min() < 0 or xf.max() > levels - 1:
-        raise ValueError(f"{what} must hold integer levels in [0, {levels - 1}], got range "
-                         f"[{float(xf.min()):.4g}, {float(xf.max()):.4g}]")
-
-
-def _image_shape(sample_shape: tuple[int, ...], image_shape: Sequence[int] | None) -> tuple[int, int, int]:
-    """(C, H, W) of one sample: image_shape as given ((H, W) or (C, H, W)), else the sample's own (C, H, W) /
-    (H, W) shape, else a square vector as (1, side, side) (digits: 64 -> (1, 8, 8))."""
-    n = math.prod(sample_shape)
-    if image_shape is None:
-        if len(sample_shape) in (2, 3):
-            image_shape = sample_shape
-        else:
-            side = math.isqrt(n)
-            if len(sample_shape) != 1 or side * side != n:
-                raise ValueError(f"cannot view samples of shape {tuple(sample_shape)} as images; pass image_shape")
-            image_shape = (side, side)
-    shape = tuple(int(s) for s in image_shape)
-    if len(shape) == 2:
-        shape = (1, *shape)
-    if len(shape) != 3 or math.prod(shape) != n:
-        raise ValueError(f"image_shape {tuple(image_shape)} does not fit samples of shape {tuple(sample_shape)} "
-                         f"({n} values); give (H, W) or (C, H, W)")
-    return shape  # type: ignore[return-value]
-
-
-def uniform_noise(x: Tensor, levels: int, seed: int = 0) -> Tensor:
-    """Uniform integer noise over the levels 0..L-1, of x's shape and dtype (x's values are not used).
-
-    Args:
-        x: (N, ...) a batch whose shape and dtype the noise takes.
-        levels: L.
-        seed: seeds a torch.Generator (the global generator is untouched).
-
-    Returns:
-        (N, ...) i.i.d. uniform levels.
-    """
-    _check_levels(x, levels)
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randint(0, levels, tuple(x.shape), generator=gen).to(x.dtype)
-
-
-def gaussian_blur(x: Tensor, levels: int, sigma: float = 1.0, image_shape: Sequence[int] | None = None) -> Tensor:
-    """Gaussian-blurred images, re-quantised: round(blur(x)) in 0..L-1, x's shape and dtype.
-
-    torchvision.transforms.functional.gaussian_blur with reflect padding, kernel 2 ceil(3 sigma) + 1 (at most
-    2 min(H, W) - 1, as reflect padding needs), on each channel of the (C, H, W) view of a sample.
-
-    Args:
-        x: (N, ...) integer levels.
-        levels: L.
-        sigma: the blur's standard deviation in pixels (> 0).
-        image_shape: the image view of a sample ((H, W) or (C, H, W)); None: see the module docstring.
-
-    Returns:
-        (N, ...) blurred levels.
-    """
-    from torchvision.transforms.functional import gaussian_blur as tv_blur
-
-    _check_levels(x, levels)
-    if not (math.isfinite(sigma) and sigma > 0):
-        raise ValueError(f"sigma must be a finite number > 0, got {sigma}")
-    c, h, w = _image_shape(tuple(x.shape[1:]), image_shape)
-    k = min(2 * math.ceil(3 * sigma) + 1, 2 * min(h, w) - 1)
-    img = x.reshape(len(x), c, h, w).double()
-    blurred = tv_blur(img, kernel_size=[k, k], sigma=[float(sigma), float(sigma)])
-    return blurred.round().clamp(0, levels - 1).reshape(x.shape).to(x.dtype)
-
-
-def invert_contrast(x: Tensor, levels: int) -> Tensor:
-    """L - 1 - x (black <-> white), x's shape and dtype; an involution."""
-    _check_levels(x, levels)
-    return ((levels - 1) - x.to(torch.int64)).to(x.dtype)
-
-
-def hflip(x: Tensor, image_shape: Sequence[int] | None = None) -> Tensor:
-    """Images mirrored left-right (the W axis of the (C, H, W) view), x's shape and dtype; an involution."""
-    if not isinstance(x, Tensor) or x.dim() < 2:
-        raise ValueError(f"x must be a batch tensor (N, ...), got {getattr(x, 'shape', type(x).__name__)}")
-    c, h, w = _image_shape(tuple(x.shape[1:]), image_shape)
-    return x.reshape(len(x), c, h, w).flip(-1).reshape(x.shape)
-
-
-def resample_images(
-    x: Tensor, from_shape: Sequence[int], from_levels: int, to_shape: Sequence[int], to_levels: int,
-) -> Tensor:
-    """Images of one data set as another's: bilinear resize, then levels rescaled and rounded.
-
-    v in 0..L_from-1 -> v / (L_from - 1) -> bilinear resize (torch.nn.functional.interpolate, align_corners
-    False, antialiased when shrinking) -> round(. * (L_to - 1)). A constant image stays constant (up to the
-    rounding). Channels: 1 -> C repeats the grey image, C -> 1 averages the channels.
-
-    Args:
-        x: (N, ...) integer levels 0..from_levels-1, N samples of prod(from_shape) values each.
-        from_shape: a sample's shape, (C, H, W), (H, W) or a square vector (digits: (64,) = 1x8x8).
-        from_levels: L_from.
-        to_shape: the output sample shape, read the same way (Fashion-MNIST: (1, 28, 28)).
-        to_levels: L_to.
-
-    Returns:
-        (N, *to_shape) in x's dtype, levels 0..to_levels-1.
-
-    Example:
-        >>> import torch
-        >>> digits = torch.full((2, 64), 16, dtype=torch.uint8)  # white 8x8 digits at 17 levels
-        >>> y = resample_images(digits, (64,), 17, (1, 28, 28), 256)
-        >>> tuple(y.shape), y.dtype, int(y.min()), int(y.max())
-        ((2, 1, 28, 28), torch.uint8, 255, 255)
-    """
-    _check_levels(x, from_levels)
-    if isinstance(to_levels, bool) or not isinstance(to_levels, int) or to_levels < 2:
-        raise ValueError(f"to_levels must be an int >= 2, got {to_levels!r}")
-    from_shape, to_shape = tuple(from_shape), tuple(to_shape)
-    if x[0].numel() != math.prod(from_shape):
-        raise ValueError(f"x has samples of shape {tuple(x.shape[1:])} ({x[0].numel()} values), "
-                         f"from_shape {from_shape} has {math.prod(from_shape)}")
-    if not x.dtype.is_floating_point and torch.iinfo(x.dtype).max < to_levels - 1:
-        raise ValueError(f"{x.dtype} cannot hold level {to_levels - 1}; cast x first")
-    c0, h0, w0 = _image_shape(from_shape, None)
-    c1, h1, w1 = _image_shape(to_shape, None)
-    img = x.reshape(len(x), c0, h0, w0).double() / (from_levels - 1)
-    if c0 != c1:
-        if c0 == 1:
-            img = img.expand(-1, c1, -1, -1)
-        elif c1 == 1:
-            img = img.mean(1, keepdim=True)
-        else:
-            raise ValueError(f"cannot map {c0} channels to {c1}; only 1 <-> C")
-    shrink = h1 < h0 or w1 < w0
-    img = torch.nn.functional.interpolate(img, size=(h1, w1), mode="bilinear", align_corners=False, antialias=shrink)
-    out = (img.clamp(0, 1) * (to_levels - 1)).round()
-    return out.reshape(len(x), *to_shape).to(x.dtype)
-
-
-def other_dataset(
-    source: Splits | Tensor, target: Splits, *, from_shape: Sequence[int] | None = None,
-    from_levels: int | None = None, n: int | None = None, seed: int = 0,
-) -> Tensor:
-    """Another data set's images as an OOD set of `target`: resampled to target's sample shape and levels.
-
-    Args:
-        source: the other data set, a Splits (its test images, data_shape and levels are used) or a tensor
-            (N, ...) of integer levels (then from_shape and from_levels are required). Loading it (e.g.
-            Fashion-MNIST with data.load_data) is the caller's job.
-        target: the in-distribution Splits (its data_shape and levels).
-        from_shape, from_levels: the tensor source's sample shape and levels.
-        n: keep at most this many images (a seeded random subset, in their original order); None: all.
-        seed: the subset's seed.
-
-    Returns:
-        (n, *target.data_shape) integer levels in the source tensor's dtype (resample_images).
-    """
-    if isinstance(source, Splits):
-        if source.levels is None:
-            raise ValueError("the other data set must be quantised (levels not None)")
-        x, from_shape, from_levels = source.test.tensors[0], source.data_shape, source.levels
-    elif isinstance(source, Tensor):
-        if from_shape is None or from_levels is None:
-            raise ValueError("a tensor source needs from_shape and from_levels")
-        x = source
-    else:
-        raise ValueError(f"source must be a Splits or a tensor, got {type(source).__name__}")
-    if target.levels is None:
-        raise ValueError("the in-distribution data must be quantised (levels not None)")
-    x = _subset(x, n, seed, "n")
-    return resample_images(x, from_shape, from_levels, target.data_shape, target.levels)
-
-
-def standard_ood_sets(
-    data: Splits, image_shape: Sequence[int] | None = None, seed: int = 0, sigma: float = 1.0, n: int | None = None,
-) -> dict[str, Tensor]:
-    """The offline OOD sets of a Splits' test images: {"uniform noise", "blurred", "inverted", "flipped"}.
-
-    Each is a pure transform of data.test's images (uniform_noise with `seed`, gaussian_blur with `sigma`,
-    invert_contrast, hflip), same shape, dtype and levels. Add another data set with other_dataset.
-    n: transform at most this many test images (a seeded random subset in their original order; None: all),
-    so that scoring the sets costs n images each, not the whole test set each.
-    """
-    if data.levels is None:
-        raise ValueError("OOD transforms need quantised data (levels not None)")
-    x = _subset(data.test.tensors[0], n, seed, "n")
-    return {"uniform noise": uniform_noise(x, data.levels, seed),
-            "blurred": gaussian_blur(x, data.levels, sigma, image_shape),
-            "inverted": invert_contrast(x, data.levels),
-            "flipped": hflip(x, image_shape)}
+    header = ["model", "score", *(f"{s} (n = {n_ood[s][0]}; AUPR chance {n_ood[s][1]:.3f})" for s in sets)]
+    return markdown_table(header, ([model, score, *(cells.get(s, "—") for s in sets)]
+                                   for (model, score), cells in lines_of.items()))
 
 
 # -- scores of models ---------------------------------------------------------------------------------
@@ -469,22 +256,12 @@ def _check_sets(ood_sets: Mapping[str, Tensor], data_shape: tuple[int, ...], lev
             raise ValueError(f"OOD set {name!r} must have shape (N, {', '.join(map(str, data_shape))}), "
                              f"got {tuple(getattr(x, 'shape', ()))}")
         if levels is not None:
-            _check_levels(x, levels, f"OOD set {name!r}")
-
-
-def _subset(x: Tensor, n: int | None, seed: int, what: str) -> Tensor:
-    """At most n rows of x, a seeded random subset in the original order (None: all)."""
-    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
-        raise ValueError(f"{what} must be an int >= 1 (or None: all), got {n!r}")
-    if n is None or n >= len(x):
-        return x
-    keep = np.sort(np.random.default_rng(seed).choice(len(x), n, replace=False))
-    return x[torch.from_numpy(keep)]
+            check_levels(x, levels, f"OOD set {name!r}")
 
 
 def _train_sample(data: Splits, n: int | None, seed: int) -> Tensor:
     """At most n training images, a seeded random subset in the original order (None: all)."""
-    return _subset(data.train.tensors[0], n, seed, "train_sample")
+    return random_subset(data.train.tensors[0], n, seed, "train_sample")
 
 
 def flow_log_likelihoods(
@@ -547,62 +324,6 @@ def flow_scores(
     return {name: density_scores(t, log_py, model.dim, mean_nll, names) for name, t in tables.items()}
 
 
-def gaussian_tables(
-    data: Splits, inputs: Mapping[str, Tensor], alpha: float = ModelConfig.alpha, copies: int = 10, seed: int = 0,
-    ridge: float | None = None, ridges: Sequence[float] = RIDGES,
-) -> tuple[dict[str, Tensor], Tensor, float]:
-    """(N, K) log p(x|k) of any inputs under the per-class Gaussian in logit space (baselines.gaussian_test_table's).
-
-    The Gaussian is gaussian_test_table's: moments of `copies` dequantised copies of train from
-    numpy.random.default_rng(seed), ridge r chosen there on validation bits/dim (one more fit; pass `ridge`
-    to skip it). The generator then skips the validation draw and gives each input one noise draw, in the
-    order of `inputs`: with data.test first (and ridge the chosen one) its table equals gaussian_test_table's.
-
-    Args:
-        data: quantised Splits (levels not None).
-        inputs: {name: (N, ...) integer levels with data.data_shape's number of values per sample}.
-        alpha: the logit margin (the flow's ModelConfig.alpha).
-        copies, seed, ridges: as gaussian_test_table.
-        ridge: r; None chooses it as gaussian_test_table does.
-
-    Returns:
-        ({name: (N, K) float64 log p(x|k)}, log p(k) (K,) the training class frequencies, the ridge r).
-    """
-    if data.levels is None:
-        raise ValueError("the logit-space Gaussian needs quantised data (integer levels); this data set is "
-                         "continuous (levels None)")
-    if ridge is None:
-        ridge = gaussian_test_table(data, alpha, copies, seed, ridges)[3]["ridge"]
-    elif not ridge >= 0:
-        raise ValueError(f"ridge must be >= 0, got {ridge}")
-    if copies < 1:
-        raise ValueError(f"copies must be >= 1, got {copies}")
-    pre = LogitPreprocess(data.levels, alpha)
-    (x_tr, y_tr), (x_va, _) = _flat(data.train), _flat(data.val)
-    dim = x_tr.shape[1]
-    rng = np.random.default_rng(seed)
-
-    def noisy(x: Tensor) -> tuple[Tensor, Tensor]:
-        return logit_space(x, torch.from_numpy(rng.random(tuple(x.shape))), data.levels, alpha)
-
-    fit = class_moments(((noisy(x_tr)[0], y_tr) for _ in range(copies)), data.num_classes)
-    rng.random(tuple(x_va.shape))  # gaussian_test_table's validation draw: keeps its test noise for data.test
-    hs, logdets = [], []
-    for name, x in inputs.items():
-        if not isinstance(x, Tensor) or x.dim() < 2 or x[0].numel() != dim:
-            raise ValueError(f"input {name!r} must have {dim} values per sample, got shape "
-                             f"{tuple(getattr(x, 'shape', ()))}")
-        xf = x.reshape(len(x), -1).double()
-        pre.check(xf)
-        h, logdet = noisy(xf)
-        hs.append(h)
-        logdets.append(logdet)
-    # all inputs in one call: each class covariance is factorised once, not once per input set
-    table = gaussian_log_likelihoods(torch.cat(hs), fit, ridge) + torch.cat(logdets)[:, None]
-    tables = dict(zip(inputs, torch.split(table, [len(h) for h in hs])))
-    return tables, fit.log_class_probs(), float(ridge)
-
-
 def gaussian_scores(
     data: Splits, ood_sets: Mapping[str, Tensor], seed: int = 0, train_sample: int | None = 2000, *,
     names: Sequence[str] = SCORES, alpha: float = ModelConfig.alpha, copies: int = 10, ridge: float | None = None,
@@ -625,66 +346,6 @@ def gaussian_scores(
     return {name: density_scores(t, log_py, dim, mean_nll, names) for name, t in tables.items()}
 
 
-def sklearn_max_posteriors(
-    data: Splits, inputs: Mapping[str, Tensor], methods: Sequence[str] = ("logistic",), seed: int = 0,
-    max_train: int | None = SKLEARN_MAX_TRAIN, grids: Mapping[str, Sequence] | None = None,
-) -> dict[str, dict[str, np.ndarray]]:
-    """max_y p(y|x) of sklearn classifiers for any inputs: the discriminative baseline of OOD detection.
-
-    Each method is fit as baselines.sklearn_baselines fits it (inputs x / (L - 1), hyperparameter = the
-    first best validation accuracy), but cheaply: on at most `max_train` training examples (a stratified
-    subsample, seed `seed`) and over SKLEARN_OOD_GRIDS (logistic C in (0.1, 1); RBF-SVC C = 10, gamma
-    "scale", with Platt-calibrated probabilities as in the baselines; QDA reg_param (0.1, 0.03, 0.01)).
-    A method none of whose grid points can be fit (QDA on too few examples) is left out with a warning.
-
-    Args:
-        data: the Splits (train to fit, val to tune).
-        inputs: {name: (N, ...) inputs with data.data_shape's number of values per sample}.
-        methods: keys of SKLEARN_METHODS.
-        seed: the subsample's and classifiers' seed.
-        max_train: the most training examples fit on (None: all).
-        grids: per-method grid overrides.
-
-    Returns:
-        {SKLEARN_METHODS[method]: {input name: (N,) max_y p(y|x), float64}}.
-    """
-    from sklearn.model_selection import train_test_split
-
-    if isinstance(methods, str):
-        methods = (methods,)
-    unknown = [m for m in methods if m not in SKLEARN_METHODS]
-    if unknown:
-        raise ValueError(f"unknown sklearn OOD baselines {unknown}; choose from {sorted(SKLEARN_METHODS)}")
-    scale = 1.0 / (data.levels - 1) if data.levels is not None else 1.0
-    (x_tr, y_tr), (x_va, y_va) = ((x.numpy() * scale, y.numpy()) for x, y in (_flat(data.train), _flat(data.val)))
-    if max_train is not None and max_train < len(y_tr):
-        x_tr, _, y_tr, _ = train_test_split(x_tr, y_tr, train_size=max_train, stratify=y_tr, random_state=seed)
-    xs = {}
-    for name, x in inputs.items():
-        if not isinstance(x, Tensor) or x.dim() < 2 or x[0].numel() != x_tr.shape[1]:
-            raise ValueError(f"input {name!r} must have {x_tr.shape[1]} values per sample, got shape "
-                             f"{tuple(getattr(x, 'shape', ()))}")
-        xs[name] = x.reshape(len(x), -1).double().numpy() * scale
-    out = {}
-    for method in methods:
-        grid = list((grids or {}).get(method, SKLEARN_OOD_GRIDS[method]))
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Variables are collinear")
-            best, clf, param = float("-inf"), None, None
-            for p in grid:
-                score, fitted = _val_score(method, p, seed, x_tr, y_tr, x_va, y_va)
-                if fitted is not None and (clf is None or score > best):
-                    best, clf, param = score, fitted, p
-            if clf is None:
-                log.warning("%s: no grid point could be fit on %d training examples; left out",
-                            SKLEARN_METHODS[method], len(y_tr))
-                continue
-            prob_model = _probabilities(method, clf, param, seed, x_tr, y_tr)
-            out[SKLEARN_METHODS[method]] = {name: prob_model.predict_proba(x).max(1).astype(np.float64)
-                                            for name, x in xs.items()}
-    return out
-
-
 def ood_scores(
     model: MixtureFlow, data: Splits, ood_sets: Mapping[str, Tensor], batch_size: int = 500, seed: int = 0,
     gaussian: bool = True, sklearn: Sequence[str] = ("logistic",), train_sample: int | None = 2000, *,
@@ -699,7 +360,7 @@ def ood_scores(
     data only): gaussian_scores with the flow's logit margin, `gaussian_copies` dequantised copies of train and
     the ridge `gaussian_ridge` (None: chosen on validation, one more fit); sklearn: max_posterior of
     sklearn_max_posteriors, fit on at most `sklearn_max_train` training examples. Models in that order, keyed
-    FLOW_METHOD, GAUSSIAN_METHOD, SKLEARN_METHODS[...]. ood_table turns them into AUROC / AUPR rows;
+    FLOW_METHOD, GAUSSIAN_METHOD, baselines.SKLEARN_METHODS[...]. ood_table turns them into AUROC / AUPR rows;
     negate the flow's "neg_bpd" for histograms of bits/dim.
 
     Cost on digits (1 thread): about a second beside the flow's own evaluation. On Fashion-MNIST (2 threads,
@@ -709,11 +370,11 @@ def ood_scores(
     Args:
         model: the mixture flow.
         data: its Splits.
-        ood_sets: {name: (N, *data.data_shape) integer levels} (standard_ood_sets, other_dataset).
+        ood_sets: {name: (N, *data.data_shape) integer levels} (ood_sets.standard_ood_sets, ood_sets.other_dataset).
         batch_size: the flow's evaluation batch.
         seed: every noise draw, subsample and classifier seed.
         gaussian: include the per-class Gaussian.
-        sklearn: sklearn methods (keys of SKLEARN_METHODS) for max-posterior scores; () for none.
+        sklearn: sklearn methods (keys of baselines.SKLEARN_METHODS) for max-posterior scores; () for none.
         train_sample: training images for the typicality's H (None: all).
         scores: which of SCORES (the sklearn models have only max_posterior).
         device, draws: the flow's evaluation device and dequantisation draws.
@@ -722,10 +383,7 @@ def ood_scores(
         in_table: data.test's (N, K) log p(x|k) under the flow, if already computed.
     """
     scores = _check_names(scores)
-    sklearn = (sklearn,) if isinstance(sklearn, str) else tuple(sklearn)
-    unknown = [m for m in sklearn if m not in SKLEARN_METHODS]
-    if unknown:  # before any work
-        raise ValueError(f"unknown sklearn OOD baselines {unknown}; choose from {sorted(SKLEARN_METHODS)}")
+    sklearn = check_sklearn_methods(sklearn)  # before any work
     _check_sets(ood_sets, data.data_shape, data.levels)
     out = {FLOW_METHOD: flow_scores(model, data, ood_sets, batch_size, seed, train_sample, names=scores,
                                     device=device, draws=draws, in_table=in_table)}
@@ -754,7 +412,7 @@ def ood_table(
 
     Returns:
         Rows {"model", "score", "ood_set", "auroc", "aupr", "n_in", "n_ood"}: the flow's first (model
-        FLOW_METHOD), then the Gaussian's (GAUSSIAN_METHOD), then each sklearn method's (SKLEARN_METHODS).
+        FLOW_METHOD), then the Gaussian's (GAUSSIAN_METHOD), then each sklearn method's (baselines.SKLEARN_METHODS).
     """
     by_model = ood_scores(model, data, ood_sets, batch_size, seed, gaussian, sklearn, train_sample, **kwargs)
     return [row for name, by_set in by_model.items() for row in ood_rows(name, by_set)]

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from ..data import Splits, load_data
+from ..eval import tables
 from ..eval.diagnostics import overlap_summary
 from ..eval.metrics import evaluate
 from ..flows.config import IRESNET_FIELDS
@@ -235,8 +236,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         if r["variant"] not in order:
             order.append(r["variant"])
-    lines = ["| variant | factor | seeds | " + " | ".join(c[1] for c in _COLUMNS) + " |",
-             "|---|---|---|" + "---|" * len(_COLUMNS)]
+    body = []
     for name in order:
         group = [r for r in rows if r["variant"] == name]
         ok = [r for r in group if r["status"] != "diverged"]
@@ -245,8 +245,8 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
             vals = [r[key] for r in ok if r.get(key) is not None]
             cells.append(format(sum(vals) / len(vals), fmt) if vals else "—")
         seeds = f"{len(ok)}" + (f" (+{len(group) - len(ok)} diverged)" if len(ok) < len(group) else "")
-        lines.append(f"| {name} | {group[0]['factor'] or '—'} | {seeds} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        body.append([name, group[0]["factor"] or "—", seeds, *cells])
+    return tables.markdown_table(["variant", "factor", "seeds", *(c[1] for c in _COLUMNS)], body)
 
 
 def _write(out: Path, rows: list[dict[str, Any]], base: RunConfig, seeds, epochs, max_minutes, max_steps=None) -> None:

@@ -27,6 +27,7 @@ from torch.utils.data import Dataset, Subset
 
 from ..data import Splits, load_data
 from ..eval.diagnostics import bhattacharyya, embed, latents, overlap_summary
+from ..eval.tables import markdown_table
 from ..flows.model import MixtureFlow
 from ..training.checkpoint import load_checkpoint
 from ..training.config import RunConfig, apply_overrides
@@ -214,13 +215,11 @@ def markdown_results(rows: list[dict[str, Any]]) -> str:
     "draws": dequantisation draws averaged per test image for the densities (— for classifiers without one).
     """
     cell = table_cell
-    lines = ["| method | kind | test accuracy | bits/dim (conditional) | bits/dim (marginal) | ECE | n | draws |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['method']} | {r['kind']} | {cell(r['accuracy'], '.4f')} | {cell(r['bpd_conditional'], '.4f')} "
-                     f"| {cell(r['bpd_marginal'], '.4f')} | {cell(r['ece'], '.4f')} | {cell(r.get('n'), 'd')} "
-                     f"| {cell(r.get('draws'), 'd')} |")
-    return "\n".join(lines)
+    header = ["method", "kind", "test accuracy", "bits/dim (conditional)", "bits/dim (marginal)", "ECE", "n", "draws"]
+    return markdown_table(header, (
+        [r["method"], r["kind"], cell(r["accuracy"], ".4f"), cell(r["bpd_conditional"], ".4f"),
+         cell(r["bpd_marginal"], ".4f"), cell(r["ece"], ".4f"), cell(r.get("n"), "d"), cell(r.get("draws"), "d")]
+        for r in rows))
 
 
 SAMPLE_QUALITY_TEMPERATURES = (1.0, 0.7)
@@ -266,13 +265,13 @@ def sample_quality_rows(
 
 def markdown_sample_quality(rows: list[dict[str, Any]]) -> str:
     """The sample-quality table as Markdown: C2ST accuracies (0.5 = indistinguishable), class fidelity, Fréchet."""
-    lines = ["| method | T | C2ST 1-NN | C2ST logistic | class fidelity (real: {}) | Fréchet (PCA-50) | samples |".format(
-                 format(rows[0]["real_class_fidelity"], ".3f") if rows else "—"),
-             "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['method']} | {r['temperature']:g} | {r['c2st_knn_accuracy']:.3f} | "
-                     f"{r['c2st_logistic_accuracy']:.3f} | {r['class_fidelity']:.3f} | {r['frechet']:.3f} | {r['n']} |")
-    return "\n".join(lines)
+    real = format(rows[0]["real_class_fidelity"], ".3f") if rows else "—"
+    header = ["method", "T", "C2ST 1-NN", "C2ST logistic", f"class fidelity (real: {real})", "Fréchet (PCA-50)",
+              "samples"]
+    return markdown_table(header, (
+        [r["method"], f"{r['temperature']:g}", f"{r['c2st_knn_accuracy']:.3f}", f"{r['c2st_logistic_accuracy']:.3f}",
+         f"{r['class_fidelity']:.3f}", f"{r['frechet']:.3f}", r["n"]]
+        for r in rows))
 
 
 def load_runs(run_dirs: dict[str, str | Path], device: str = "cpu") -> dict[str, Run]:

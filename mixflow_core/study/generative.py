@@ -4,7 +4,7 @@
   training; computed and cached for runs trained before it existed, with the same seed, batch and draws).
 - `calibration`: reliability bins of p(y|x) on test before and after temperature scaling fit on
   validation (metrics.fit_temperature: accuracy unchanged), per run; `markdown_calibration`.
-- `ood_sets`: the offline OOD sets of a data set (eval.ood.standard_ood_sets on a subset of its test
+- `ood_sets`: the offline OOD sets of a data set (eval.ood_sets.standard_ood_sets on a subset of its test
   images, plus the other data set resampled to its shape and levels when its files are there).
 - `ood_study`: AUROC / AUPR of every score of the flow, the per-class Gaussian and logistic regression
   (eval.ood.ood_scores), the bits/dim per set for histograms, and `ood_findings`: sentences that say where
@@ -23,8 +23,10 @@ from torch import Tensor
 
 from ..data import DataConfig, Splits, load_data
 from ..eval import ood
-from ..eval.baselines import GAUSSIAN_METHOD
+from ..eval.baselines import GAUSSIAN_METHOD, SKLEARN_MAX_TRAIN
 from ..eval.metrics import TEMPERATURE_BOUNDS, accuracy, apply_temperature, fit_temperature, reliability_bins
+from ..eval.ood_sets import other_dataset, standard_ood_sets
+from ..eval.tables import markdown_table
 from ..training.io import json_safe
 from ..training.runs import evaluate_splits, read_tables
 from .analysis import Run, table_cell
@@ -104,14 +106,13 @@ def calibration(runs: Mapping[str, Run], n_bins: int = 15,
 def markdown_calibration(rows: Sequence[Mapping[str, Any]]) -> str:
     """calibration()'s rows as Markdown (— where a run has no temperature)."""
     cell = table_cell
-    lines = ["| method | test accuracy | T (fit on val) | ECE | ECE after T | NLL (nats) | NLL after T | n |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        t = cell(r["temperature"], ".3f") + (" (search bound)" if r.get("temperature_at_bound") else "")
-        lines.append(f"| {r['method']} | {cell(r['accuracy'], '.4f')} | {t} "
-                     f"| {cell(r['ece'], '.4f')} | {cell(r['ece_scaled'], '.4f')} | {cell(r['nll'], '.4f')} "
-                     f"| {cell(r['nll_scaled'], '.4f')} | {r['n']} |")
-    return "\n".join(lines)
+    header = ["method", "test accuracy", "T (fit on val)", "ECE", "ECE after T", "NLL (nats)", "NLL after T", "n"]
+    return markdown_table(header, (
+        [r["method"], cell(r["accuracy"], ".4f"),
+         cell(r["temperature"], ".3f") + (" (search bound)" if r.get("temperature_at_bound") else ""),
+         cell(r["ece"], ".4f"), cell(r["ece_scaled"], ".4f"), cell(r["nll"], ".4f"), cell(r["nll_scaled"], ".4f"),
+         r["n"]]
+        for r in rows))
 
 
 # -- out-of-distribution detection -------------------------------------------------------------------------
@@ -119,13 +120,13 @@ def ood_sets(data: Splits, dataset: str, n: int | None = 1000, seed: int = 0,
              other: str | None = "auto") -> tuple[dict[str, Tensor], list[str]]:
     """The OOD sets of a data set and notes on what was left out: ({name: images}, [note, ...]).
 
-    eval.ood.standard_ood_sets (uniform noise, blurred, inverted, flipped) of at most `n` test images, and
+    eval.ood_sets.standard_ood_sets (uniform noise, blurred, inverted, flipped) of at most `n` test images, and
     `other` (default OTHER_DATASET[dataset]; None: none) resampled to this data's shape and levels, as many of
     its test images as the other sets have (at most n and at most this test set's size), under
     "<other> (resampled)". An other data set whose files are missing is left out
     with a note (no download: the default path never touches the network).
     """
-    sets = ood.standard_ood_sets(data, seed=seed, n=n)
+    sets = standard_ood_sets(data, seed=seed, n=n)
     notes: list[str] = []
     other = OTHER_DATASET.get(dataset) if other == "auto" else other
     if other is not None:
@@ -135,14 +136,14 @@ def ood_sets(data: Splits, dataset: str, n: int | None = 1000, seed: int = 0,
             notes.append(f"{other} left out of the OOD sets: {err}")
         else:
             size = len(data.test) if n is None else min(n, len(data.test))
-            sets[f"{other} (resampled)"] = ood.other_dataset(source, data, n=size, seed=seed)
+            sets[f"{other} (resampled)"] = other_dataset(source, data, n=size, seed=seed)
     return sets, notes
 
 
 def ood_study(
     run: Run, sets: Mapping[str, Tensor], seed: int = 0, train_sample: int | None = 1000, draws: int = 1,
     gaussian_copies: int = 2, gaussian_ridge: float | None = None, sklearn: Sequence[str] = ("logistic",),
-    sklearn_max_train: int | None = ood.SKLEARN_MAX_TRAIN, baselines: bool = True,
+    sklearn_max_train: int | None = SKLEARN_MAX_TRAIN, baselines: bool = True,
 ) -> dict[str, Any]:
     """OOD detection by a run's flow and its baselines, on the test set against each of `sets`.
 

@@ -17,6 +17,8 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Ellipse
 from torch import Tensor
 
+from ..eval.tables import markdown_table
+
 __all__ = [
     "set_style", "class_colors", "save_figure", "sample_images", "fig_sample_grid", "fig_samples_2d",
     "fig_learning_curves", "mean_projection", "draw_gaussians", "fig_gaussian_ellipses", "fig_embedding", "fig_pairwise",
@@ -445,13 +447,13 @@ def markdown_frontier(runs: list[dict[str, Any]]) -> str:
     def cell(mean: float, lo: float, hi: float, n: int, fmt: str) -> str:
         return f"{mean:{fmt}}" + (f" ({lo:{fmt}}–{hi:{fmt}})" if n > 1 else "")
 
-    lines = ["| backbone | β | minutes | seeds | test accuracy | bits/dim (test) |", "|---|---|---|---|---|---|"]
+    rows = []
     for p in frontier_points(runs):
         name = BACKBONE_STYLE.get(p["backbone"], (None, None, p["backbone"]))[2]
-        lines.append(f"| {name} | {p['beta']:g} | {p['minutes']:g} | {p['seeds']} | "
-                     f"{cell(p['test_acc'], p['acc_min'], p['acc_max'], p['seeds'], '.4f')} | "
-                     f"{cell(p['test_bpd'], p['bpd_min'], p['bpd_max'], p['seeds'], '.3f')} |")
-    return "\n".join(lines)
+        rows.append([name, f"{p['beta']:g}", f"{p['minutes']:g}", p["seeds"],
+                     cell(p["test_acc"], p["acc_min"], p["acc_max"], p["seeds"], ".4f"),
+                     cell(p["test_bpd"], p["bpd_min"], p["bpd_max"], p["seeds"], ".3f")])
+    return markdown_table(["backbone", "β", "minutes", "seeds", "test accuracy", "bits/dim (test)"], rows)
 
 
 def fig_frontier(runs: list[dict[str, Any]], baselines: Sequence[dict[str, Any]] = (), title: str = "") -> Figure:

@@ -1,4 +1,5 @@
-"""Baselines: the logit-space per-class Gaussian (against scipy and hand computations) and the sklearn rows."""
+"""Baselines: the logit-space per-class Gaussian (against scipy and hand computations), the sklearn rows, and both
+models' scores of any inputs for OOD detection (gaussian_tables, sklearn_max_posteriors)."""
 
 import inspect
 import math
@@ -15,12 +16,18 @@ from mixflow_core.eval.baselines import (
     GAUSSIAN_METHOD,
     SKLEARN_GRIDS,
     baseline_table,
+    check_sklearn_methods,
     class_moments,
     gaussian_baseline,
     gaussian_log_likelihoods,
+    gaussian_tables,
+    gaussian_test_table,
     logit_space,
     sklearn_baselines,
+    sklearn_max_posteriors,
 )
+from mixflow_core.eval.ood import auroc_aupr, density_scores
+from mixflow_core.eval.ood_sets import uniform_noise
 from mixflow_core.data import DataConfig, Splits, load_data
 
 LN2 = math.log(2.0)
@@ -272,3 +279,30 @@ def test_baseline_table_leaves_the_svc_out_for_large_training_sets(digits, monke
     monkeypatch.setattr(baselines, "SVC_MAX_TRAIN", len(digits.train) - 1)
     methods = [r["method"] for r in baselines.baseline_table(digits)]
     assert methods == [GAUSSIAN_METHOD, "QDA (reg_param)", "logistic regression (C)"]
+
+
+# -- OOD detection: the baselines' scores of any inputs ------------------------------------------------
+
+
+def test_gaussian_tables_are_the_baselines_gaussian(digits):
+    table, _, log_py, info = gaussian_test_table(digits, copies=2, seed=4)
+    tables, log_py2, ridge = gaussian_tables(digits, {"test": digits.test.tensors[0], "again": digits.test.tensors[0]},
+                                             copies=2, seed=4)
+    assert ridge == info["ridge"]
+    torch.testing.assert_close(tables["test"], table, rtol=0, atol=0)  # the same moments and the same noise draw
+    torch.testing.assert_close(log_py2, log_py, rtol=0, atol=0)
+    # the test set against a second noise draw of itself: indistinguishable
+    s = {name: density_scores(t, log_py, 64)["log_px"] for name, t in tables.items()}
+    assert abs(auroc_aupr(s["test"], s["again"])[0] - 0.5) < 0.08  # n = m = 360: sd 0.0215
+
+
+def test_sklearn_max_posteriors_are_probabilities(digits):
+    inputs = {"test": digits.test.tensors[0], "noise": uniform_noise(digits.test.tensors[0], 17)}
+    out = sklearn_max_posteriors(digits, inputs, ("logistic",), max_train=500)
+    assert list(out) == ["logistic regression"]
+    for s in out["logistic regression"].values():
+        assert s.shape == (360,) and (s >= 0.1 - 1e-12).all() and (s <= 1 + 1e-12).all()  # max of 10 probabilities
+    assert np.median(out["logistic regression"]["test"]) > 0.9
+    with pytest.raises(ValueError, match="unknown sklearn"):
+        sklearn_max_posteriors(digits, inputs, ("knn",))
+    assert check_sklearn_methods("svc") == ("svc",)  # one name or several

@@ -1,4 +1,5 @@
-"""OOD detection: AUROC/AUPR against their definitions, score orientation, the OOD transforms' invariants, end to end."""
+"""OOD detection: AUROC/AUPR against their definitions, score orientation, the OOD sets' invariants (eval.ood_sets),
+end to end. The baselines' tables and posteriors of any inputs are tested in test_baselines.py."""
 
 import math
 from dataclasses import replace
@@ -10,11 +11,13 @@ from matplotlib.figure import Figure
 
 from mixflow_core import build_model
 from mixflow_core.data import DataConfig, Splits, load_data
-from mixflow_core.eval.baselines import GAUSSIAN_METHOD, gaussian_test_table
+from mixflow_core.eval.baselines import GAUSSIAN_METHOD
 from mixflow_core.eval.ood import (
-    FLOW_METHOD, IN_DISTRIBUTION, SCORES, auroc_aupr, density_scores, flow_scores, gaussian_blur, gaussian_scores,
-    gaussian_tables, hflip, invert_contrast, markdown_ood_table, ood_rows, ood_table, other_dataset,
-    resample_images, sklearn_max_posteriors, standard_ood_sets, typicality_score, uniform_noise,
+    FLOW_METHOD, IN_DISTRIBUTION, SCORES, auroc_aupr, density_scores, flow_scores, gaussian_scores, markdown_ood_table,
+    ood_rows, ood_table, typicality_score,
+)
+from mixflow_core.eval.ood_sets import (
+    gaussian_blur, hflip, invert_contrast, other_dataset, resample_images, standard_ood_sets, uniform_noise,
 )
 from mixflow_core.study.plotting import fig_ood_histograms
 from mixflow_core.training.fit import fit
@@ -275,18 +278,6 @@ def test_bad_transform_input_raises(digits):
 # -- models --------------------------------------------------------------------------------------------
 
 
-def test_gaussian_tables_are_the_baselines_gaussian(digits):
-    table, _, log_py, info = gaussian_test_table(digits, copies=2, seed=4)
-    tables, log_py2, ridge = gaussian_tables(digits, {"test": digits.test.tensors[0], "again": digits.test.tensors[0]},
-                                             copies=2, seed=4)
-    assert ridge == info["ridge"]
-    torch.testing.assert_close(tables["test"], table, rtol=0, atol=0)  # the same moments and the same noise draw
-    torch.testing.assert_close(log_py2, log_py, rtol=0, atol=0)
-    # the test set against a second noise draw of itself: indistinguishable
-    s = {name: density_scores(t, log_py, 64)["log_px"] for name, t in tables.items()}
-    assert abs(auroc_aupr(s["test"], s["again"])[0] - 0.5) < 0.08  # n = m = 360: sd 0.0215
-
-
 def test_gaussian_scores_tell_noise_from_digits(digits):
     sets = {"uniform noise": uniform_noise(digits.test.tensors[0], 17), "inverted": invert_contrast(digits.test.tensors[0], 17)}
     scores = gaussian_scores(digits, sets, copies=2)
@@ -294,17 +285,6 @@ def test_gaussian_scores_tell_noise_from_digits(digits):
     rows = {(r["score"], r["ood_set"]): r for r in ood_rows(GAUSSIAN_METHOD, scores)}
     assert rows["log_px", "uniform noise"]["auroc"] > 0.99
     assert rows["log_px", "inverted"]["auroc"] > 0.99
-
-
-def test_sklearn_max_posteriors_are_probabilities(digits):
-    inputs = {"test": digits.test.tensors[0], "noise": uniform_noise(digits.test.tensors[0], 17)}
-    out = sklearn_max_posteriors(digits, inputs, ("logistic",), max_train=500)
-    assert list(out) == ["logistic regression"]
-    for s in out["logistic regression"].values():
-        assert s.shape == (360,) and (s >= 0.1 - 1e-12).all() and (s <= 1 + 1e-12).all()  # max of 10 probabilities
-    assert np.median(out["logistic regression"]["test"]) > 0.9
-    with pytest.raises(ValueError, match="unknown sklearn"):
-        sklearn_max_posteriors(digits, inputs, ("knn",))
 
 
 def test_flow_end_to_end_through_ood_table(smoke):
