@@ -21,7 +21,7 @@ install: $(STAMP)  ## create .venv and install the package with test extras
 test: $(STAMP)  ## run the test suite (CPU, offline)
 	OMP_NUM_THREADS=1 MPLBACKEND=Agg $(BIN)/python -m pytest
 
-report: $(STAMP)  ## run notebooks/01-04 headlessly: reports/ (executed notebooks), figures/ and the results table
+report: $(STAMP)  ## run notebooks/01-04 headlessly: reports/ (executed notebooks; browse reports/index.html), figures/ and the results table
 	OMP_NUM_THREADS=1 MPLBACKEND=Agg $(BIN)/python -m mixflow_core report --dataset $(DATASET) --profile $(PROFILE) \
 		--device $(DEVICE) $(ARGS)
 

@@ -65,7 +65,7 @@ from _common import header, table  # noqa: E402
 
 STEPS = ("environment", "pytest", "fashion", "fashion_coupling", "cifar", "precision", "report")
 REPORT_MISSING = "papermill/jupyter not installed on this machine"
-REPORT_MODULES = ("papermill", "nbclient", "jupyter_client", "jupyter_core", "ipykernel")  # what executing needs
+REPORT_MODULES = ("papermill", "nbclient", "jupyter_client", "jupyter_core", "ipykernel", "nbconvert")  # executing + HTML
 FASHION_STEMS = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 CUDA_TESTS = ROOT / "tests" / "test_cuda.py"
 GIB = 2**30

@@ -308,6 +308,7 @@ def _report(args: argparse.Namespace) -> int:
     print(f"figures: {summary['figures_dir']}/")
     print(f"results table: {summary['table_md']}\n")
     print(summary["table"])
+    print(f"browsable report (executed notebooks as HTML, results table): {summary['index_html']}")
     return 0
 
 

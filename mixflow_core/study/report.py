@@ -15,6 +15,7 @@ from typing import Any
 
 from ..data import classes_tag
 from ..training.io import write_json
+from . import html_report
 
 __all__ = ["project_root", "project_path", "project_relative", "NOTEBOOKS", "ReportError", "Step", "plan", "execute", "run_report",
            "default_figures_dir", "FigureLog"]
@@ -78,12 +79,16 @@ def plan(
     data_root: str | None = None, retrain: bool = False, ablation_json: str | Path | None = None,
     tsne: bool = True, baselines: str | None = None, classes: list[str | int] | None = None,
     frontier_json: str | Path | None = None, long_runs_json: str | Path | None = None,
+    spread_json: str | Path | None = None,
 ) -> list[Step]:
     """The six notebook executions of a report (01 three times: the fixed configuration, the student's, and the fixed
     configuration on the other backbone family), with absolute paths.
 
     classes: study only these classes (data.classes of both configurations, names or labels); the run and
     default figures directories then carry data.classes_tag (e.g. "fashion-mnist-default-classes-6-0-2-seed0").
+    ablation_json, frontier_json, long_runs_json, spread_json: the committed tables notebooks 02 and 04 draw or check
+    against (None: benchmarks/ablation/<dataset>-<profile>.json, benchmarks/backbones/<dataset>-{frontier,bar}.json,
+    benchmarks/spread/<dataset>-<profile>.json where they exist and no class subset is asked for; "": none).
 
     Example:
         >>> [(s.notebook, s.parameters.get("config")) for s in plan("digits", "smoke")]  # doctest: +NORMALIZE_WHITESPACE
@@ -107,9 +112,12 @@ def plan(
         committed = project_root() / "benchmarks" / "ablation" / f"{dataset}-{profile}.json"
         ablation_json = committed if committed.is_file() else ""
     ablation = str(project_path(ablation_json)) if ablation_json else ""
-    committed = {}  # the committed hybrid frontier and long runs of both backbones (benchmarks/backbones_*.py)
-    for kind, given in (("frontier", frontier_json), ("bar", long_runs_json)):
-        path = project_root() / "benchmarks" / "backbones" / f"{dataset}-{kind}.json"
+    committed = {}  # the committed hybrid frontier and long runs of both backbones (benchmarks/backbones_*.py),
+    # and the spread of the report's numbers over seeds (benchmarks/report_seeds.py)
+    for kind, given, folder, name in (("frontier", frontier_json, "backbones", f"{dataset}-frontier"),
+                                      ("bar", long_runs_json, "backbones", f"{dataset}-bar"),
+                                      ("spread", spread_json, "spread", f"{dataset}-{profile}")):
+        path = project_root() / "benchmarks" / folder / f"{name}.json"
         if given is None:
             given = path if path.is_file() and not tag else ""
         committed[kind] = str(project_path(given)) if given else ""
@@ -139,6 +147,7 @@ def plan(
         "other_run": run[configs(dataset)[2]],
         "results_json": str(reports / "04_report.json"), "table_md": str(figures / "results.md"),
         "baselines": baselines, "seed": seed, "frontier_json": committed["frontier"], "long_runs_json": committed["bar"],
+        "spread_json": committed["spread"],
     }, "results table and summary figures"))
     return steps
 
@@ -178,7 +187,11 @@ def execute(step: Step, kernel_name: str = KERNEL, stream: bool = False) -> floa
 def run_report(
     steps: list[Step], kernel_name: str = KERNEL, stream: bool = False, echo: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Execute `steps` (from `plan`) in order with papermill, echoing progress.
+    """Execute `steps` (from `plan`) in order with papermill, echoing progress; export each as HTML and index them.
+
+    Each executed notebook is also written as HTML beside it (html_report.export_html: figures inline, no network
+    needed) as soon as it finishes, and <reports>/index.html links them in order with the results table; the index is
+    written even when a notebook fails or the run is interrupted, marking the notebooks that did not finish.
 
     Args:
         steps: the notebook executions, e.g. plan("digits", "default").
@@ -187,7 +200,8 @@ def run_report(
         echo: where progress lines go.
 
     Returns:
-        {steps, seconds, figures_dir, table_md, table}, also written to <reports>/report.json.
+        {steps, seconds, figures_dir, table_md, table, index_html, html_seconds (the HTML export's share)}, also
+        written to <reports>/report.json.
 
     Raises:
         ReportError: a notebook failed; the message names it, the cell and the partial output.
@@ -198,20 +212,39 @@ def run_report(
         summary = run_report(plan("digits", "smoke", baselines="fast"))
         print(summary["table"])
     """
-    t0, done = time.perf_counter(), []
-    for i, step in enumerate(steps, 1):
-        echo(f"[{i}/{len(steps)}] {step.notebook}: {step.title} ...")
-        seconds = execute(step, kernel_name, stream)
-        done.append({"notebook": step.notebook, "output": str(step.output), "seconds": round(seconds, 1),
-                     "results_json": step.parameters.get("results_json")})
-        echo(f"[{i}/{len(steps)}] {step.notebook}: done in {seconds:.0f} s -> {step.output}")
+    t0, done, html_seconds, finished = time.perf_counter(), [], 0.0, False
     final = steps[-1].parameters
     table_md = Path(final["table_md"]) if "table_md" in final else None
+    for step in steps:  # an earlier report's pages would pass for this one's on the index
+        html_report.html_path(step.output).unlink(missing_ok=True)
+    no_html = html_report.missing_exporter()  # the notebooks and their results do not need the pages
+    if no_html:
+        echo(f"no HTML pages: {no_html}")
+    try:
+        for i, step in enumerate(steps, 1):
+            echo(f"[{i}/{len(steps)}] {step.notebook}: {step.title} ...")
+            try:
+                seconds = execute(step, kernel_name, stream)
+            except ReportError as err:
+                if err.__cause__ is not None and not no_html:  # papermill wrote the partial notebook, error marked
+                    html_report.export_html(step.output)
+                raise
+            t1 = time.perf_counter()
+            page = None if no_html else html_report.export_html(step.output)  # now: an interrupted report keeps them
+            html_seconds += time.perf_counter() - t1
+            done.append({"notebook": step.notebook, "output": str(step.output), "html": page and str(page),
+                         "seconds": round(seconds, 1), "results_json": step.parameters.get("results_json")})
+            also = "" if page is None else f" and {page.name}"
+            echo(f"[{i}/{len(steps)}] {step.notebook}: done in {seconds:.0f} s -> {step.output}{also}")
+        finished = True
+    finally:  # also after a failure or Ctrl-C: the finished notebooks linked, the rest marked
+        index = html_report.write_index(steps, table_md if finished else None)
     summary = {
         "steps": done, "seconds": round(time.perf_counter() - t0, 1),
         "figures_dir": final.get("figures_dir"),
         "table_md": str(table_md) if table_md else None,
         "table": table_md.read_text() if table_md and table_md.is_file() else "",
+        "index_html": str(index), "html_seconds": round(html_seconds, 2),
     }
     write_json(steps[-1].output.parent / "report.json", summary)
     return summary

@@ -70,25 +70,7 @@ def test_notebooks_lint_clean():
 
 
 # -- the sequence, executed ---------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def smoke_report(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("report")
-    frontier = tmp / "frontier.json"  # a two-run frontier table of the shape benchmarks/backbones_fashion.py writes
-    frontier.write_text(json.dumps({"runs": [
-        {"backbone": b, "beta": beta, "minutes": 5.0, "seed": 0, "test_acc": acc, "test_bpd": bpd,
-         "curve": [{"images": 64, "seconds": 1.0, "val_bpd": bpd + 1}, {"images": 128, "seconds": 1.0, "val_bpd": bpd}]}
-        for b, beta, acc, bpd in (("coupling", 0.1, 0.86, 3.6), ("iresnet", 0.1, 0.8, 4.4))],
-        "baselines": [{"method": "logistic regression (C)", "test_acc": 0.85, "test_bpd": None}]}))
-    long_runs = tmp / "bar.json"  # one long run, drawn on the frontier and as the learning curves
-    long_runs.write_text(json.dumps({"runs": [
-        {"backbone": "coupling", "beta": 0.1, "minutes": 20.0, "seed": 0, "test_acc": 0.87, "test_bpd": 3.4,
-         "curve": [{"images": 64 * i, "seconds": 1.0, "val_bpd": 3.4 + 1 / i} for i in (1, 2, 3)]}]}))
-    steps = report.plan("digits", "smoke", reports_dir=tmp / "reports", figures_dir=tmp / "figures",
-                        runs_dir=tmp / "runs", ablation_json="", baselines="fast", frontier_json=frontier,
-                        long_runs_json=long_runs)
-    lines: list[str] = []
-    summary = report.run_report(steps, echo=lines.append)
-    return steps, summary, lines, tmp
+# the report itself: the session fixture `smoke_report` in tests/conftest.py (shared with test_report_html.py)
 
 
 def _json(step: report.Step) -> dict:
@@ -222,6 +204,19 @@ def test_plan_sizes_the_student_run_and_the_baselines_by_dataset(dataset, baseli
     assert student["runtime.epochs"] <= report.STUDENT_MAX_EPOCHS
     assert steps[-1].parameters["baselines"] == baselines
     assert report.plan(dataset, "default", baselines="none")[-1].parameters["baselines"] == "none"
+
+
+def test_report_checks_its_numbers_against_the_committed_spread(smoke_report):
+    """04 sets this run's rows beside the committed mean ± sd over seeds and says which lie outside."""
+    out = _json(smoke_report[0][5])
+    checks = out["spread_check"]
+    assert [(c["method"], c["metric"], c["within"]) for c in checks] == [("mixture flow: fixed", "accuracy", False)]
+    table = Path(smoke_report[0][5].parameters["table_md"]).read_text()
+    assert "### This run against the committed spread over seeds" in table
+    assert "Outside the committed spread: mixture flow: fixed (accuracy)." in table
+    fashion = report.plan("fashion-mnist", "default")[-1].parameters
+    assert fashion["spread_json"] in ("", str(report.project_root() / "benchmarks/spread/fashion-mnist-default.json"))
+    assert report.plan("digits", "default", classes=[4, 9])[-1].parameters["spread_json"] == ""  # all ten classes
 
 
 def test_snapshot_epochs_are_spread_and_bounded():
