@@ -57,3 +57,13 @@ def timed(f, spent: list[float]):
         spent[0] += time.perf_counter() - t0
         return out
     return wrapper
+
+
+def matmul_gflops(n: int = 1024, repeats: int = 20) -> float:
+    """GFLOP/s of an n x n float32 matmul on this machine now (the reference a step's achieved GFLOP/s is set against)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * n**3 * repeats / (time.perf_counter() - t0) / 1e9

@@ -21,7 +21,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import header, table  # noqa: E402
+from _common import header, matmul_gflops, table  # noqa: E402
 
 from mixflow_core import build_model  # noqa: E402
 from mixflow_core.flows.iresnet.lipschitz import converged_spectral_norms  # noqa: E402
@@ -41,15 +41,6 @@ SETTINGS = {  # label -> (overrides of the fashion-mnist default profile, option
     "Russian roulette + Neumann, one power iteration per step (bound not kept)": ({**POWER, "model.power_rtol": None},
                                                                                   {}),
 }
-
-
-def matmul_gflops(n: int = 1024, repeats: int = 20) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    return 2 * n**3 * repeats / (time.perf_counter() - t0) / 1e9
 
 
 def measure(overrides: dict, steps: int, batch: int, profile: bool, channels_last: bool = False) -> dict:

@@ -15,13 +15,24 @@ log|det| = sum log s, and the inverse is x_b = z_b / s(z_a) - t(z_a): no estimat
 
 This family has no training state beyond its weights: the backbone hooks of layers.Flow keep
 their no-op defaults, and its log-det is exact in training and evaluation alike.
+
+Speed levers (benchmarks/throughput_peers.py measures each against the peers, normflows, FrEIA, zuko):
+- `InvertibleLinear` caches W and W^-1 while gradients are off (evaluation, sampling), keyed on the
+  parameters' storage and in-place version counters, so an optimizer step or load_state_dict invalidates it;
+- `fold_actnorm(flow)`: an equivalent eval-only flow with every [ActNorm, InvertibleLinear] pair folded
+  into one InvertibleLinear with a bias (one affine 1x1 convolution instead of two passes);
+- `channels_last(flow)`: NHWC activations in every 1x1 convolution and conditioner;
+- `compiled(fn)`: opt-in torch.compile of a function (e.g. a model's log_prob_all) with a clean eager fallback.
 """
 
 from __future__ import annotations
 
+import copy
 import math
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +43,8 @@ from .layers import ActNorm, Flow, FlowSequence, Squeeze, Whiten
 if TYPE_CHECKING:  # flows/config.py imports this family, not the other way round
     from .config import ModelConfig
 
-__all__ = ["CouplingMLP", "CouplingConv", "InvertibleLinear", "AffineCoupling", "FactorOut", "build_coupling"]
+__all__ = ["CouplingMLP", "CouplingConv", "InvertibleLinear", "AffineCoupling", "FactorOut", "build_coupling",
+           "fold_actnorm", "channels_last", "compiled"]
 
 
 @dataclass(frozen=True)
@@ -73,7 +85,19 @@ class InvertibleLinear(Flow):
     P is a fixed permutation, L unit lower-triangular, U strictly upper-triangular, s = sign * exp(log_s)
     (Kingma & Dhariwal 2018, LU-parametrised): log|det| = positions * sum log|s_i|, O(C) per step
     instead of a C x C determinant. Starts as a random rotation (seeded by torch's global RNG).
+
+    `bias` (a (C,) non-persistent buffer, None unless `fold_actnorm` made the layer) adds c: z = W x + c,
+    x = W^-1 (z - c).
+
+    While gradients are off (evaluation, sampling) the assembled W and W^-1 are cached between calls
+    (`cache_weights`, on by default), keyed on the storage and in-place version counter of every
+    factor: an optimizer step, `load_state_dict` or `.to()` changes the key, so a stale W is never
+    used. (Writes through `.data` bypass version counters; call `clear_cache()` after such a write.)
+    With gradients on, W is assembled in the graph at every call, as before.
     """
+
+    cache_weights: bool = True  # class default; set False on an instance (or here) to assemble W at every call
+    memory_format: torch.memory_format | None = None  # set by channels_last(flow): 4-D inputs made NHWC here
 
     def __init__(self, num_channels: int) -> None:
         super().__init__()
@@ -87,6 +111,9 @@ class InvertibleLinear(Flow):
         self.lower = nn.Parameter(torch.tril(lower, -1).to(dtype))
         self.upper = nn.Parameter(torch.triu(upper, 1).to(dtype))
         self.log_s = nn.Parameter(torch.log(s.abs()).to(dtype))
+        # set by fold_actnorm only; non-persistent: state_dicts of every other layer stay as they were
+        self.register_buffer("bias", None, persistent=False)
+        self._cache: dict[str, tuple[tuple, list, Tensor]] = {}
 
     def _factors(self) -> tuple[Tensor, Tensor]:
         eye = torch.eye(self.num_channels, dtype=self.lower.dtype, device=self.lower.device)
@@ -105,22 +132,66 @@ class InvertibleLinear(Flow):
         l_inv_pt = torch.linalg.solve_triangular(lower, self.perm.T, upper=False, unitriangular=True)
         return torch.linalg.solve_triangular(upper, l_inv_pt, upper=True)
 
-    def _mix(self, x: Tensor, w: Tensor) -> Tensor:
+    # -- the evaluation cache ------------------------------------------------------------------
+    def _factor_tensors(self) -> tuple[Tensor, ...]:
+        return self.lower, self.upper, self.log_s, self.perm, self.sign_s
+
+    def _cache_key(self) -> tuple:
+        # storage address + in-place version of each factor: Adam's update, load_state_dict's copy_ and ActNorm-style
+        # fills bump the version; .to() / .data = ... give a new storage (kept alive by the cache, so an address is
+        # not reused while its entry exists)
+        return tuple((t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape)) for t in self._factor_tensors())
+
+    def _cached(self, name: str, make: Callable[[], Tensor]) -> Tensor:
+        """make(), or its value from an earlier call with the same factors; only while gradients are off."""
+        if not self.cache_weights or torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return make()
+        try:
+            key = self._cache_key()
+        except RuntimeError:  # factors without storage (functorch-batched, fake): nothing to key on
+            return make()
+        cache = self.__dict__.setdefault("_cache", {})  # (setdefault: modules pickled before the cache existed)
+        hit = cache.get(name)
+        if hit is not None and hit[0] == key:
+            return hit[2]
+        with torch.inference_mode(False), torch.no_grad():  # a normal tensor: usable outside inference_mode too
+            value = make()
+        cache[name] = (key, [t.untyped_storage() for t in self._factor_tensors()], value)
+        return value
+
+    def clear_cache(self) -> None:
+        """Drop the cached W and W^-1 (only needed after writing a factor through `.data`)."""
+        self.__dict__.get("_cache", {}).clear()
+
+    def __getstate__(self) -> dict[str, Any]:  # deepcopy / pickle: the cache is derived state, not copied
+        state = self.__dict__.copy()
+        state["_cache"] = {}
+        return state
+
+    # -- the map ---------------------------------------------------------------------------------
+    def _mix(self, x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
+        """w x per position (+ bias)."""
         if x.dim() < 2 or x.shape[1] != self.num_channels:
             raise ValueError(f"InvertibleLinear expects (B, {self.num_channels}, ...), got {tuple(x.shape)}")
         if x.dim() == 2:
-            return x @ w.T
+            return F.linear(x, w, bias)
         if x.dim() == 4:
-            return F.conv2d(x, w[:, :, None, None])
-        return torch.einsum("ij,bj...->bi...", w, x)
+            if self.memory_format is not None:
+                x = x.contiguous(memory_format=self.memory_format)
+            return F.conv2d(x, w[:, :, None, None], bias)
+        out = torch.einsum("ij,bj...->bi...", w, x)
+        return out if bias is None else out + bias.view(1, -1, *([1] * (x.dim() - 2)))
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        z = self._mix(x, self.weight())
+        z = self._mix(x, self._cached("weight", self.weight), getattr(self, "bias", None))
         positions = math.prod(x.shape[2:])
         return z, (self.log_s.sum() * positions).expand(x.shape[0])
 
     def inverse(self, z: Tensor) -> Tensor:
-        return self._mix(z, self.inverse_weight())
+        bias = getattr(self, "bias", None)
+        if bias is not None:
+            z = z - bias.view(1, -1, *([1] * (z.dim() - 2)))
+        return self._mix(z, self._cached("inverse_weight", self.inverse_weight))
 
     def extra_repr(self) -> str:
         return f"{self.num_channels}"
@@ -288,3 +359,111 @@ def build_coupling(data_shape: tuple[int, ...], cfg: ModelConfig) -> FlowSequenc
                              f"width must be multiples of {2 ** arch.n_scales}, got {h} x {w}")
         return FlowSequence(pre + _conv_scales((c, h, w), arch, cfg.actnorm, 0))
     raise ValueError(f"build_coupling needs a coupling architecture (coupling_mlp, coupling_conv), got {arch!r}")
+
+
+def fold_actnorm(flow: Flow) -> Flow:
+    """An equivalent, eval-only copy of `flow`: every ActNorm directly followed by an InvertibleLinear (each step of
+    build_coupling with actnorm) becomes one InvertibleLinear with a bias, one affine 1x1 convolution instead of an
+    elementwise pass and a convolution.
+
+    ActNorm a = (x - b) exp(-log_scale), then z = W a: z = W' x + c with W' = W diag(exp(-log_scale)) and
+    c = -W' b. W' keeps the LU form, P L (U diag(exp(-log_scale))): U's columns scale, log_s becomes
+    log_s - log_scale (so log|det| = positions * (sum log_s - sum log_scale), the pair's), and W'^-1 comes from the
+    same triangular solves. The same function as flow in eval mode (log-det and inverse included, to round-off);
+    a snapshot of the weights, returned in eval mode with gradients off: fold again after the weights change.
+    """
+    folded = copy.deepcopy(flow)
+    _fold_pairs(folded)
+    return folded.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def _folded(actnorm: ActNorm, linear: InvertibleLinear) -> InvertibleLinear:
+    """One InvertibleLinear computing linear(actnorm(x)) (eval mode)."""
+    if actnorm.num_channels != linear.num_channels:
+        raise ValueError(f"cannot fold an ActNorm of {actnorm.num_channels} channels into an InvertibleLinear of "
+                         f"{linear.num_channels}")
+    layer = copy.deepcopy(linear)
+    layer.upper.mul_(torch.exp(-actnorm.log_scale)[None, :])  # U diag(a): column j times a_j (diagonal in log_s)
+    layer.log_s.sub_(actnorm.log_scale)
+    shift = -(layer.weight() @ actnorm.bias)
+    layer.bias = shift if linear.bias is None else shift + linear.bias
+    return layer
+
+
+def _fold_pairs(module: nn.Module) -> None:
+    for child in module.children():  # FactorOut's inner flow, nested sequences
+        _fold_pairs(child)
+    if not isinstance(module, FlowSequence):
+        return
+    layers, out, i = list(module.layers), [], 0
+    while i < len(layers):
+        if i + 1 < len(layers) and isinstance(layers[i], ActNorm) and isinstance(layers[i + 1], InvertibleLinear):
+            out.append(_folded(layers[i], layers[i + 1]))
+            i += 2
+        else:
+            out.append(layers[i])
+            i += 1
+    module.layers = nn.ModuleList(out)
+
+
+def channels_last(flow: nn.Module) -> nn.Module:
+    """`flow` with NHWC (channels_last) activations: every InvertibleLinear makes its 4-D input NHWC (a squeeze gives
+    NCHW), so the couplings' slices, conditioners and concatenations that follow run NHWC; the conditioners' 4-D
+    weights are converted too. The same function (float64 to round-off); vectors are untouched. Returns flow."""
+    for m in flow.modules():
+        if isinstance(m, InvertibleLinear):
+            m.memory_format = torch.channels_last
+        elif isinstance(m, AffineCoupling):
+            m.net.to(memory_format=torch.channels_last)
+    return flow
+
+
+def compiled(fn: Callable[..., Any], **options: Any) -> Callable[..., Any]:
+    """`torch.compile(fn, **options)` as an opt-in, with a clean eager fallback: fn itself where compiling fails.
+
+    fn is any callable torch.compile takes: a model (its forward, e.g. MixtureFlow's log p(x|k) for all classes,
+    whose backward is then compiled too) or a function. When a call of the compiled fn raises, the call is run
+    again eagerly: if that succeeds, the compiler was at fault (no C compiler, an unsupported op, ...), one
+    RuntimeWarning says why, and every later call runs eagerly; if it raises too, that error (fn's own) propagates
+    and compilation stays on. So fn should not change state before it can fail (a forward, not a whole training step
+    with its optimizer update). The forward's compilation (where a missing C compiler shows) is covered; the
+    backward graph, which inductor compiles at the first backward, fails there, outside this wrapper. Each new input
+    shape, grad mode or train/eval switch compiles again (about a minute for the Fashion-MNIST coupling default's
+    training step on one CPU thread, half that for evaluation). Nothing else changes: no global precision or compiler setting is touched, and code
+    that does not call this runs eagerly as before (the float64 tests). `compiled(fn).eager()` says whether it fell
+    back.
+    """
+    name = getattr(fn, "__qualname__", type(fn).__name__)
+    try:
+        fast = torch.compile(fn, **options)
+    except Exception as err:  # torch.compile itself unavailable (e.g. an unsupported Python)
+        warnings.warn(f"torch.compile is unavailable here ({type(err).__name__}: {err}); {name} runs eagerly",
+                      RuntimeWarning, stacklevel=2)
+        return _Compiled(fn, fn, eager=True)
+    return _Compiled(fn, fast, eager=False)
+
+
+class _Compiled:
+    """The callable `compiled` returns: the compiled fn until it fails, then fn (see `compiled`)."""
+
+    def __init__(self, fn: Callable[..., Any], fast: Callable[..., Any], eager: bool) -> None:
+        self.fn, self.fast, self._eager = fn, fast, eager
+
+    def eager(self) -> bool:
+        """Whether calls run eagerly (compiling failed or was impossible)."""
+        return self._eager
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self._eager:
+            return self.fn(*args, **kwargs)
+        try:
+            return self.fast(*args, **kwargs)
+        except Exception as err:
+            out = self.fn(*args, **kwargs)  # fn's own error, if it has one, propagates from here
+            self._eager = True
+            name = getattr(self.fn, "__qualname__", type(self.fn).__name__)
+            why = " ".join(str(err).split())[:300]  # one line
+            warnings.warn(f"torch.compile failed ({type(err).__name__}: {why}); {name} runs eagerly from now on",
+                          RuntimeWarning, stacklevel=2)
+            return out
