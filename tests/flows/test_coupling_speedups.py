@@ -113,6 +113,17 @@ def test_the_cache_is_not_copied():
     assert layer._cache and copy.deepcopy(layer)._cache == {}
 
 
+def _same_function(flow, other, x, x_other, atol):
+    """other(x_other) equals flow(x) (z and log-det) and other.inverse equals flow.inverse, to atol; other's z."""
+    with torch.no_grad():
+        z, logdet = flow(x)
+        zo, logdet_o = other(x_other)
+        torch.testing.assert_close(zo, z, rtol=0, atol=atol)
+        torch.testing.assert_close(logdet_o, logdet, rtol=0, atol=atol)
+        torch.testing.assert_close(other.inverse(z), flow.inverse(z), rtol=0, atol=atol)
+    return zo
+
+
 # -- folded ActNorm -------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", list(ARCHS))
 def test_the_folded_flow_is_the_same_function(name):
@@ -124,12 +135,8 @@ def test_the_folded_flow_is_the_same_function(name):
     assert all(m.bias is None for m in _linears(flow))
     assert not folded.training and not any(p.requires_grad for p in folded.parameters())
     assert any(p.requires_grad for p in flow.parameters())  # the original is untouched
+    zf = _same_function(flow, folded, x, x, atol=1e-10)
     with torch.no_grad():
-        z, logdet = flow(x)
-        zf, logdet_f = folded(x)
-        torch.testing.assert_close(zf, z, rtol=0, atol=1e-10)
-        torch.testing.assert_close(logdet_f, logdet, rtol=0, atol=1e-10)
-        torch.testing.assert_close(folded.inverse(z), flow.inverse(z), rtol=0, atol=1e-10)
         torch.testing.assert_close(folded.inverse(zf), x, rtol=0, atol=1e-9)
 
 
@@ -171,12 +178,7 @@ def test_channels_last_gives_the_same_outputs(name):
     flow, x = _flow(name)
     nhwc = channels_last(copy.deepcopy(flow))
     xc = x.contiguous(memory_format=torch.channels_last)
-    with torch.no_grad():
-        z, logdet = flow(x)
-        zc, logdet_c = nhwc(xc)
-        torch.testing.assert_close(zc, z, rtol=0, atol=1e-12)
-        torch.testing.assert_close(logdet_c, logdet, rtol=0, atol=1e-12)
-        torch.testing.assert_close(nhwc.inverse(z), flow.inverse(z), rtol=0, atol=1e-12)
+    _same_function(flow, nhwc, x, xc, atol=1e-12)
     nhwc.train()  # and it trains: gradients as the NCHW flow's
     flow.train()
     for f, inp in ((flow, x), (nhwc, xc)):
