@@ -1,4 +1,4 @@
-"""Training-step speed of the Fashion-MNIST default conv model under several settings, side by side in one run.
+"""Training-step speed of the Fashion-MNIST i-ResNet default conv model under several settings, side by side in one run.
 
 For each setting: images/s of a training step (forward + backward + Adam, batch 64, after a warm-up),
 FLOPs per image of one step (torch.utils.flop_counter: matmuls and convolutions, forward and

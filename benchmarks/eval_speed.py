@@ -1,6 +1,6 @@
 """Evaluation speed on the Fashion-MNIST test set: img/s of metrics.evaluate at several eval batch sizes.
 
-The Fashion-MNIST default model (Russian-roulette log-det, 2 exact terms; the estimator draws its extra
+The Fashion-MNIST i-ResNet default model (Russian-roulette log-det, 2 exact terms; the estimator draws its extra
 terms per batch, so each batch size is timed with the same seed) on the real test images, 2 threads.
 The old default eval_batch_size was 500, the new one 128: both are in the list. Weights: a run directory's
 best weights (--run-dir), else the profile's freshly initialised model with converged spectral norms (the
@@ -48,7 +48,7 @@ def main() -> None:
         converge_spectral_norms(model)
     test = Subset(data.test, range(min(args.n, len(data.test))))
     print(header(args.threads))
-    print(f"model: {'run ' + str(args.run_dir) if args.run_dir else 'fresh fashion-mnist default'}, "
+    print(f"model: {'run ' + str(args.run_dir) if args.run_dir else 'fresh fashion-mnist i-ResNet default'}, "
           f"eval log-det {cfg.model.eval_logdet or cfg.model.logdet}, {len(test)} test images\n")
     rows = []
     for batch in args.batches:

@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import header, loadavg  # noqa: E402
 
-from mixflow_core.study.report import SMALL_DATASETS, project_root  # noqa: E402
+from mixflow_core.study.report import project_root  # noqa: E402
 from mixflow_core.study.spread import markdown_spread, seed_table, summarise  # noqa: E402
 
 
@@ -44,9 +44,7 @@ def main() -> None:
     head = header(args.threads)
     print(head + "\n", flush=True)
     load0, t0 = loadavg(), time.time()
-    rows = seed_table(args.dataset, args.profile, args.seeds, args.configs,
-                      baselines="full" if args.dataset in SMALL_DATASETS else "fast",
-                      log=lambda line: print(line, flush=True))
+    rows = seed_table(args.dataset, args.profile, args.seeds, args.configs, log=lambda line: print(line, flush=True))
     summary = summarise(rows)
     doc = {"dataset": args.dataset, "profile": args.profile, "seeds": args.seeds, "header": head,
            "load_start": load0, "load_end": loadavg(), "wall_s": time.time() - t0,

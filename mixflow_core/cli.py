@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .data import classes_tag, load_data
-from .study.ablation import ablate, markdown_table
+from .study.ablation import STUDENT_BACKBONE, ablate, markdown_table
 from .study.report import ReportError, plan, run_report
 from .study.widgets import fig_class_samples
 from .training.fit import NonFiniteLossError
@@ -138,7 +138,10 @@ def _add_ablate(sub, common) -> None:
                        "variant per factor changed toward the fix, and the dataset profile itself, with the same seeds "
                        "and budget; the backbone is a factor too (the student on the other family's architecture, and "
                        "that family's profile). Write OUT/ablation.json and OUT/ablation.md. Rerunning skips finished rows.")
-    _dataset_and_profile(a, None, "architecture and data")
+    _dataset_and_profile(a, None, "architecture and data", backbone=False)
+    a.add_argument("--backbone", choices=BACKBONES, default=STUDENT_BACKBONE,
+                   help="the base profile's backbone family, on which the student's configuration is built (default: "
+                   f"{STUDENT_BACKBONE}, the original student's, whatever the dataset's default)")
     a.add_argument("--no-backbone-factor", action="store_true",
                    help="leave out the two variants on the other backbone family")
     a.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds, each run for every variant (default 0)")
@@ -280,10 +283,11 @@ def _ablate(args: argparse.Namespace) -> int:
     overrides = parse_set(args.set)
     if args.data_root is not None:
         overrides["data.root"] = args.data_root
-    base = merge_config(get_profile(args.dataset, args.profile, args.backbone), overrides)
+    base = merge_config(get_profile(args.dataset, args.profile, args.backbone), overrides)  # the student's by default
     if args.epochs < 1:
         raise RunError(f"--epochs must be >= 1, got {args.epochs}")
-    out = args.out or Path("runs") / f"ablation-{args.dataset}-{args.profile}{_backbone_tag(args.dataset, args.backbone)}"
+    tag = "" if args.backbone == STUDENT_BACKBONE else f"-{args.backbone}"
+    out = args.out or Path("runs") / f"ablation-{args.dataset}-{args.profile}{tag}"
     if args.max_steps is not None and args.max_steps < 1:
         raise RunError(f"--max-steps must be >= 1, got {args.max_steps}")
     other = None

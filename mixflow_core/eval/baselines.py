@@ -343,20 +343,26 @@ SVC_MAX_TRAIN = 10_000  # baseline_table fits the RBF-SVC grid only up to this m
 FAST_GRIDS: Mapping[str, tuple] = {"qda": (0.1, 0.03, 0.01), "logistic": (0.1, 1.0)}
 
 
-def baseline_table(data: Splits, seed: int = 0, fast: bool = False, draws: int = 1) -> list[dict]:
+def baseline_table(
+    data: Splits, seed: int = 0, fast: bool = False, draws: int = 1, gaussian: bool = True, sklearn: bool = True,
+) -> list[dict]:
     """The Gaussian row (quantised data only) then QDA, logistic regression and RBF-SVC rows.
 
     fast: 2 dequantised copies, QDA and logistic regression on FAST_GRIDS (a few seconds on digits, for
     tests and smoke notebooks; minutes on Fashion-MNIST); otherwise 10 copies, SKLEARN_GRIDS, and
     the RBF-SVC only up to SVC_MAX_TRAIN training examples.
     draws: dequantisation draws of the Gaussian's test scores (match the flow's train.eval_draws).
+    gaussian, sklearn: include the Gaussian row / the sklearn rows (e.g. the Gaussian alone per noise seed: the
+    sklearn classifiers do not depend on it).
     """
     rows = []
-    if data.levels is None:
+    if gaussian and data.levels is None:
         log.info("continuous data: no logit-space Gaussian row")
-    else:
+    elif gaussian:
         # every ridge in both modes (one Cholesky each); fast saves on the noise copies and the sklearn grids
         rows.append(gaussian_baseline(data, copies=2 if fast else 10, seed=seed, draws=draws))
+    if not sklearn:
+        return rows
     if fast:
         rows += sklearn_baselines(data, seed, methods=tuple(FAST_GRIDS), grids=FAST_GRIDS)
     else:

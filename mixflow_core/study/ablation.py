@@ -41,10 +41,11 @@ from ..training.config import RunConfig, apply_overrides, upgrade
 from ..training.fit import NonFiniteLossError, fit
 from ..training.io import json_safe, write_json, write_text
 
-__all__ = ["STUDENT_OVERRIDES", "Variant", "student_config", "variants", "ablate", "markdown_table", "read_rows"]
+__all__ = ["STUDENT_BACKBONE", "STUDENT_OVERRIDES", "Variant", "student_config", "variants", "ablate", "markdown_table", "read_rows"]
 
 logger = logging.getLogger(__name__)
 
+STUDENT_BACKBONE = "iresnet"  # the original study's transformation: the base of the student configuration
 STUDENT_OVERRIDES: dict[str, Any] = {
     "prior.init": "student", "prior.learn_means": True, "prior.learn_scales": True, "prior.covariance": "diagonal",
     "train.lr": 0.01, "train.prior_lr": None, "train.schedule": "constant", "train.weight_decay": 5e-4,

@@ -35,16 +35,25 @@ from ..training.io import json_safe
 from ..training.profiles import DEFAULT_BACKBONE, get_profile
 from ..training.profiles import other_backbone as _other_family
 from ..training.runs import METRICS, RunError, check_same_data, dataset_info, load_run_model, read_history, read_json
-from .ablation import student_config
+from .ablation import STUDENT_BACKBONE, student_config
 
 __all__ = [
-    "CONFIGS", "configs", "other_backbone", "run_config", "snapshot_epochs", "Run", "load_run", "load_runs", "overlap_numbers", "snapshot_models", "test_subset",
+    "CONFIGS", "STUDENT_BACKBONE", "configs", "flow_method", "other_backbone", "run_config", "snapshot_epochs", "Run", "load_run", "load_runs", "overlap_numbers", "snapshot_models", "test_subset",
     "gaussian_panel", "embedding_panels", "overlap_matrices", "results_rows", "table_cell", "markdown_results",
     "SAMPLE_QUALITY_TEMPERATURES", "sample_quality_rows", "markdown_sample_quality",
 ]
 
 CONFIGS = ("fixed", "student")  # the two every dataset has; configs(dataset) adds the other backbone's
-STUDENT_BACKBONE = "iresnet"  # the original study's transformation
+
+
+def flow_method(config: str) -> str:
+    """A configuration's row name in the report's tables (results, calibration, the committed spread).
+
+    Example:
+        >>> flow_method("fixed-coupling")
+        'mixture flow: fixed-coupling'
+    """
+    return f"mixture flow: {config}"
 
 
 def other_backbone(dataset: str) -> str:

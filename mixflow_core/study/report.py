@@ -18,7 +18,7 @@ from ..training.io import write_json
 from . import html_report
 
 __all__ = ["project_root", "project_path", "project_relative", "NOTEBOOKS", "ReportError", "Step", "plan", "execute", "run_report",
-           "default_figures_dir", "FigureLog"]
+           "default_figures_dir", "default_baselines", "run_name", "FigureLog"]
 
 
 def project_root(start: str | Path | None = None) -> Path:
@@ -68,6 +68,22 @@ class Step:
     title: str = ""
 
 
+def default_baselines(dataset: str) -> str:
+    """"full" baseline grids on the small data sets (seconds); "fast" on the image sets (tens of thousands of images:
+    2 noise copies, short sklearn grids: minutes, not an hour)."""
+    return "full" if dataset in SMALL_DATASETS else "fast"
+
+
+def run_name(dataset: str, profile: str, seed: int, config: str, tag: str = "") -> str:
+    """A report run's directory name under runs_dir (tag: data.classes_tag of a class subset).
+
+    Example:
+        >>> run_name("fashion-mnist", "default", 0, "fixed-iresnet")
+        'fashion-mnist-default-seed0-fixed-iresnet'
+    """
+    return f"{dataset}-{profile}{tag}-seed{seed}-{config}"
+
+
 def default_figures_dir(dataset: str, profile: str) -> str:
     """figures/ for the study's default (digits, default profile); figures/<dataset>-<profile>/ otherwise."""
     return "figures" if (dataset, profile) == ("digits", "default") else f"figures/{dataset}-{profile}"
@@ -99,15 +115,13 @@ def plan(
     from .analysis import STUDENT_BACKBONE, configs
 
     get_profile(dataset, profile)  # ValueError for an unknown pair
-    if baselines is None:  # tens of thousands of images: 2 noise copies, short sklearn grids (minutes, not an hour)
-        baselines = "full" if dataset in SMALL_DATASETS else "fast"
+    baselines = baselines or default_baselines(dataset)
     tag = classes_tag(dataset, classes)  # ValueError for an unknown class
     reports = project_path(reports_dir)
     figures = project_path(figures_dir or (default_figures_dir(dataset, profile) if not tag
                                            else f"figures/{dataset}-{profile}{tag}"))
     runs = project_path(runs_dir)
-    name = f"{dataset}-{profile}{tag}-seed{seed}"
-    run = {c: str(runs / f"{name}-{c}") for c in configs(dataset)}
+    run = {c: str(runs / run_name(dataset, profile, seed, c, tag)) for c in configs(dataset)}
     if ablation_json is None and not tag:  # the committed ablation of this dataset, when there is one
         committed = project_root() / "benchmarks" / "ablation" / f"{dataset}-{profile}.json"
         ablation_json = committed if committed.is_file() else ""

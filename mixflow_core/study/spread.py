@@ -19,11 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from ..data import load_data
-from ..eval.baselines import FAST_GRIDS, gaussian_baseline, sklearn_baselines
+from ..eval.baselines import baseline_table
 from ..eval.tables import markdown_table
 from ..training.runs import ensure_run
 from .analysis import configs as report_configs
-from .analysis import run_config, table_cell
+from .analysis import flow_method, run_config, table_cell
+from .report import default_baselines, run_name
 
 __all__ = ["METRICS", "seed_table", "summarise", "markdown_spread", "reference_check", "markdown_reference_check"]
 
@@ -32,13 +33,9 @@ TOLERANCE_SD = 3.0  # a rerun is "within" when |value - mean| <= 3 sd (+ a floor
 SD_FLOOR = {"accuracy": 0.005, "bpd_conditional": 0.01}  # float rounding across CPUs moves even deterministic rows
 
 
-def _flow_method(config: str) -> str:
-    return f"mixture flow: {config}"  # the report's row name (analysis.results_rows via notebook 04)
-
-
 def seed_table(
     dataset: str, profile: str = "default", seeds: Sequence[int] = (0, 1, 2), configs: Sequence[str] | None = None,
-    runs_dir: str | Path = "runs/report", baselines: str = "fast", data_root: str | None = None,
+    runs_dir: str | Path = "runs/report", baselines: str | None = None, data_root: str | None = None,
     progress: bool = False, log=print,
 ) -> list[dict[str, Any]]:
     """One row per (method, seed): the report's flow configurations and its baselines.
@@ -49,7 +46,7 @@ def seed_table(
         configs: the flow configurations (default: the report's fixed configurations on both backbones, no student:
             it collapses to chance on every seed).
         runs_dir: where the runs live, named as report.plan names them, so both share them.
-        baselines: "fast" (the report's choice on the image sets) or "full" (on digits and toy2d).
+        baselines: "fast", "full" or "none"; None: the report's choice for the dataset (report.default_baselines).
         log: called with one line per finished row (progress on long work).
 
     Returns:
@@ -58,41 +55,35 @@ def seed_table(
     if not seeds:
         raise ValueError("seeds must name at least one seed")
     configs = tuple(configs) if configs is not None else tuple(c for c in report_configs(dataset) if c != "student")
+    baselines = baselines or default_baselines(dataset)
     if baselines not in ("fast", "full", "none"):
         raise ValueError(f"baselines must be 'fast', 'full' or 'none', got {baselines!r}")
     rows: list[dict[str, Any]] = []
-    data = None
     for config in configs:
         for seed in seeds:
             cfg = run_config(dataset, profile, config, seed, data_root=data_root, progress=progress)
-            run_dir = Path(runs_dir) / f"{dataset}-{profile}-seed{seed}-{config}"
-            history, metrics, _ = ensure_run(cfg, run_dir, profile)
-            test = metrics["test"]
-            rows.append({"method": _flow_method(config), "kind": "mixture flow", "seed": seed,
-                         **{k: test.get(k) for k in (*METRICS, "ece", "n")},
-                         "seconds": sum(e["epoch_seconds"] for e in history["epochs"])})
-            log(f"{rows[-1]['method']} seed {seed}: accuracy {test['accuracy']:.4f}, "
-                f"bits/dim {test['bpd_conditional']:.4f}")
-            data = data if data is not None else load_data(cfg.data)
+            history, metrics, _ = ensure_run(cfg, Path(runs_dir) / run_name(dataset, profile, seed, config), profile)
+            rows.append(_row(flow_method(config), "mixture flow", seed, metrics["test"],
+                             sum(e["epoch_seconds"] for e in history["epochs"])))
+            log(f"{rows[-1]['method']} seed {seed}: accuracy {rows[-1]['accuracy']:.4f}, "
+                f"bits/dim {rows[-1]['bpd_conditional']:.4f}")
     if baselines == "none":
         return rows
-    if data is None:
-        data = load_data(run_config(dataset, profile, "fixed", data_root=data_root).data)
-    draws = run_config(dataset, profile, "fixed").runtime.eval_draws  # score the Gaussian like the flow, as 04 does
-    fast = baselines == "fast"
-    if data.levels is not None:
-        for seed in seeds:
-            g = gaussian_baseline(data, copies=2 if fast else 10, seed=seed, draws=draws)
-            rows.append({"method": g["method"], "kind": "baseline", "seed": seed,
-                         **{k: g.get(k) for k in (*METRICS, "ece", "n")}, "seconds": None})
+    fixed = run_config(dataset, profile, "fixed", data_root=data_root)
+    data, draws, fast = load_data(fixed.data), fixed.runtime.eval_draws, baselines == "fast"  # draws: as 04 scores
+    for seed in seeds:  # the Gaussian's dequantisation noise moves with the seed
+        for g in baseline_table(data, seed, fast, draws, sklearn=False):
+            rows.append(_row(g["method"], "baseline", seed, g))
             log(f"{g['method']} seed {seed}: accuracy {g['accuracy']:.4f}, bits/dim {g['bpd_conditional']:.4f}")
-    sk = sklearn_baselines(data, seeds[0], methods=tuple(FAST_GRIDS), grids=FAST_GRIDS) if fast \
-        else sklearn_baselines(data, seeds[0])
-    for r in sk:  # deterministic given the split: one fit, counted once
-        rows.append({"method": r["method"], "kind": "baseline", "seed": None,
-                     **{k: r.get(k) for k in (*METRICS, "ece", "n")}, "seconds": None})
+    for r in baseline_table(data, seeds[0], fast, draws, gaussian=False):  # deterministic given the split: one fit
+        rows.append(_row(r["method"], "baseline", None, r))
         log(f"{r['method']}: accuracy {r['accuracy']:.4f}")
     return rows
+
+
+def _row(method: str, kind: str, seed: int | None, metrics: Mapping[str, Any], seconds: float | None = None) -> dict:
+    return {"method": method, "kind": kind, "seed": seed, **{k: metrics.get(k) for k in (*METRICS, "ece", "n")},
+            "seconds": seconds}
 
 
 def _mean_sd(values: list[float]) -> tuple[float | None, float | None]:

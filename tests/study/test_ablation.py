@@ -211,3 +211,20 @@ def test_ablate_command_line_adds_the_other_backbone(tmp_path, capsys) -> None:
     assert main(["ablate", "--dataset", "digits", "--profile", "smoke", "--epochs", "1", "--out", str(none),
                  "--only", "backbone: coupling", "--no-backbone-factor"]) == 0
     assert not (none / "ablation.json").exists()  # no variant left to run: nothing trained, nothing written
+
+
+def test_ablate_builds_the_student_on_the_students_backbone_whatever_the_datasets_default(tmp_path, monkeypatch):
+    """On a dataset whose profiles default to the coupling flow (Fashion-MNIST), `mixflow ablate` still starts from the
+    i-ResNet profile: the student row is the original student's configuration, the coupling rows are the factor."""
+    from mixflow_core.training import profiles
+
+    monkeypatch.setitem(profiles.DEFAULT_BACKBONE, "digits", "coupling")  # digits standing in for fashion-mnist
+    assert profiles.get_profile("digits", "smoke").model.family == "coupling"
+    out = tmp_path / "abl"
+    assert main(["ablate", "--dataset", "digits", "--profile", "smoke", "--epochs", "1", "--max-steps", "2",
+                 "--out", str(out), "--only", "student", "backbone: coupling"]) == 0
+    rows = {r["variant"]: r for r in json.loads((out / "ablation.json").read_text())["rows"]}
+    assert rows["student"]["config"]["model"]["arch"]["type"] == "mlp"  # the i-ResNet
+    assert rows["student"]["config"]["model"]["logdet"] == {"type": "power_series", "n_terms": 1, "n_probes": 1,
+                                                            "probe": "gaussian", "neumann_gradient": False}
+    assert rows["backbone: coupling"]["config"]["model"]["arch"]["type"] == "coupling_mlp"
