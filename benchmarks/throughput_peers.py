@@ -63,18 +63,19 @@ ours and normflows match exactly, the FrEIA and zuko differences are the ones na
 (`STATED_FLOW_PARAMS` holds the numbers; tests/test_throughput_peers.py checks them).
 
 Our variants (the levers of issue 22, mixflow_core/flows/coupling.py):
-- "mixflow": as shipped: eager; eval and sampling under torch.no_grad (as eval/metrics.py and
-  MixtureFlow.sample run them) with InvertibleLinear's W cache OFF (the path before this issue);
+- "mixflow": the path before issue 22: eager, NCHW, foreach Adam; eval and sampling under torch.no_grad (as
+  eval/metrics.py and MixtureFlow.sample run them) with InvertibleLinear's W cache OFF;
 - "+ inference_mode": the same under torch.inference_mode;
 - "+ inference_mode + W cache": InvertibleLinear.cache_weights on (W, W^-1 assembled once per weight change);
 - "+ W cache + folded ActNorm": coupling.fold_actnorm(flow): every [ActNorm, InvertibleLinear] pair one
   InvertibleLinear with a bias (one affine 1x1 conv instead of an elementwise pass and a conv), folded once
   after the training phase (the fold is in that variant's "first call (s)");
-- "+ fused Adam" (training only): torch.optim.Adam(fused=True) in place of the default (foreach) Adam; not a
-  coupling.py lever (the optimizer is made in training/fit.py), measured because Adam is a quarter to a third
-  of a digits step;
+- "+ fused Adam" (training only): torch.optim.Adam(fused=True) in place of the default (foreach) Adam (the
+  optimizer training/fit.py makes since issue 22), measured because Adam is a quarter to a third of a digits step;
 - "channels_last" (images): the model and input in NHWC and every squeezed tensor too
   (coupling.channels_last: the conditioners run in NHWC);
+- "mixflow as shipped": the defaults since issue 22: channels_last (images; build_coupling makes every
+  CouplingConv so), fused Adam (training/fit.py), W cache on, eval under no_grad;
 - "compiled" (and "compiled + channels_last", images): coupling.compiled(model) (torch.compile, inductor, of
   log p(x|k), its backward compiled with it); the first call's time (the compilation, about a minute for a
   training step on this CPU) is the "first call (s)" column; no sampling row; skipped with --no-compile.
@@ -409,17 +410,12 @@ def peer_variant(name: str, library: str, flow: PeerFlow, case: Case, note: str 
 
 
 def ours_variants(case: Case, compile_: bool) -> list[Variant]:
-    """The shipped path and each lever; eval-only variants share the first variant's (trained) model."""
-    model = build_ours(case)
+    """The path before issue 22, each lever on it, and the path as shipped; eval-only variants share the first
+    variant's (trained) model."""
+    model = build_before(case)
     opt = torch.optim.Adam(model.parameters(), lr=LR)
     trained, fixed = count(model.flow)
     prior_params = count(model.prior)[0]
-
-    def train(x: Tensor, y: Tensor) -> None:
-        loss = likelihood(model.log_prob_all(x), y, model.prior.log_class_probs, model.dim)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
 
     def evaluator(grad_mode: Callable[[], contextlib.AbstractContextManager], cache: bool,
                   get: Callable[[], MixtureFlow] = lambda: model) -> Callable[[Tensor], Tensor]:
@@ -449,8 +445,9 @@ def ours_variants(case: Case, compile_: bool) -> list[Variant]:
 
     base = dict(flow_params=trained, prior_params=prior_params, fixed=fixed)
     out = [
-        Variant("mixflow", "ours", train, evaluator(torch.no_grad, False), sampler(torch.no_grad, False), **base,
-                note="as shipped: no_grad, no W cache", train_model=model),
+        Variant("mixflow", "ours", trainer(model, opt), evaluator(torch.no_grad, False),
+                sampler(torch.no_grad, False), **base,
+                note="before issue 22: NCHW, foreach Adam, no_grad, no W cache", train_model=model),
         Variant("mixflow + inference_mode", "ours", None, evaluator(torch.inference_mode, False),
                 sampler(torch.inference_mode, False), **base),
         Variant("mixflow + inference_mode + W cache", "ours", None, evaluator(torch.inference_mode, True),
@@ -462,6 +459,7 @@ def ours_variants(case: Case, compile_: bool) -> list[Variant]:
     out.append(fused_adam_variant(case, base))
     if len(case.shape) == 3:
         out.append(channels_last_variant(case, base))
+    out.append(shipped_variant(case, base))
     if compile_:
         out.append(compiled_variant(case, base))
         if len(case.shape) == 3:
@@ -469,35 +467,42 @@ def ours_variants(case: Case, compile_: bool) -> list[Variant]:
     return out
 
 
-def fused_adam_variant(case: Case, base: dict) -> Variant:
-    """Training only: torch.optim.Adam(fused=True), one fused kernel over all parameters (not a coupling.py lever:
-    the optimizer is made in training/fit.py)."""
+def build_before(case: Case) -> MixtureFlow:
+    """Our model as it was before issue 22's defaults: NCHW activations (build_coupling now makes every CouplingConv
+    channels_last)."""
     model = build_ours(case)
-    opt = torch.optim.Adam(model.parameters(), lr=LR, fused=True)
+    coupling.channels_last(model.flow, on=False)
+    return model
 
+
+def trainer(model: MixtureFlow, opt: torch.optim.Optimizer,
+            layout: Callable[[Tensor], Tensor] = lambda x: x) -> Callable[[Tensor, Tensor], None]:
+    """One training step of `model` with `opt`: likelihood loss, backward, update."""
     def train(x: Tensor, y: Tensor) -> None:
-        loss = likelihood(model.log_prob_all(x), y, model.prior.log_class_probs, model.dim)
+        loss = likelihood(model.log_prob_all(layout(x)), y, model.prior.log_class_probs, model.dim)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+    return train
 
-    return Variant("mixflow + fused Adam", "ours", train, None, None, **base,
-                   note="Adam(fused=True); an optimizer setting of training/fit.py", train_model=model)
+
+def fused_adam_variant(case: Case, base: dict) -> Variant:
+    """Training only: torch.optim.Adam(fused=True), one fused kernel over all parameters (training/fit.py's
+    optimizer since issue 22), on the model as it was before."""
+    model = build_before(case)
+    opt = torch.optim.Adam(model.parameters(), lr=LR, fused=True)
+    return Variant("mixflow + fused Adam", "ours", trainer(model, opt), None, None, **base,
+                   note="Adam(fused=True) (training/fit.py's optimizer since issue 22)", train_model=model)
+
+
+def to_nhwc(x: Tensor) -> Tensor:
+    return x.contiguous(memory_format=torch.channels_last)
 
 
 def channels_last_variant(case: Case, base: dict) -> Variant:
-    model = build_ours(case)
-    coupling.channels_last(model.flow)
+    """channels_last alone (foreach Adam), input NHWC too; eval / sample as shipped (no_grad, W cache)."""
+    model = build_ours(case)  # channels_last, as build_coupling makes every CouplingConv now
     opt = torch.optim.Adam(model.parameters(), lr=LR)
-
-    def to_nhwc(x: Tensor) -> Tensor:
-        return x.contiguous(memory_format=torch.channels_last)
-
-    def train(x: Tensor, y: Tensor) -> None:
-        loss = likelihood(model.log_prob_all(to_nhwc(x)), y, model.prior.log_class_probs, model.dim)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
 
     def evaluate(x: Tensor) -> Tensor:
         with grad_off():
@@ -507,15 +512,28 @@ def channels_last_variant(case: Case, base: dict) -> Variant:
         with grad_off():
             return model.sample(y)
 
-    return Variant("mixflow channels_last", "ours", train, evaluate, sample, **base,
+    return Variant("mixflow channels_last", "ours", trainer(model, opt, to_nhwc), evaluate, sample, **base,
                    note="coupling.channels_last(flow), input NHWC; eval / sample with inference_mode + W cache",
                    train_model=model)
 
 
-def compiled_variant(case: Case, base: dict, nhwc: bool = False) -> Variant:
+def shipped_variant(case: Case, base: dict) -> Variant:
+    """The path as shipped since issue 22: build_model's flow (channels_last for images), fit's fused Adam,
+    evaluation under no_grad and sampling as eval/metrics.py and MixtureFlow.sample run them (W cache on)."""
     model = build_ours(case)
-    if nhwc:
-        coupling.channels_last(model.flow)
+    opt = torch.optim.Adam(model.parameters(), lr=LR, fused=True)
+
+    def evaluate(x: Tensor) -> Tensor:
+        with torch.no_grad():
+            return model.log_prob_all(x)
+
+    return Variant("mixflow as shipped", "ours", trainer(model, opt), evaluate, model.sample, **base,
+                   note="channels_last (images) + fused Adam + W cache, no_grad: the defaults since issue 22",
+                   train_model=model)
+
+
+def compiled_variant(case: Case, base: dict, nhwc: bool = False) -> Variant:
+    model = build_ours(case) if nhwc else build_before(case)
     fast = coupling.compiled(model)  # model(x) = log p(x|k) for all k
     opt = torch.optim.Adam(model.parameters(), lr=LR)
 

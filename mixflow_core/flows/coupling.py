@@ -18,10 +18,12 @@ their no-op defaults, and its log-det is exact in training and evaluation alike.
 
 Speed levers (benchmarks/throughput_peers.py measures each against the peers, normflows, FrEIA, zuko):
 - `InvertibleLinear` caches W and W^-1 while gradients are off (evaluation, sampling), keyed on the
-  parameters' storage and in-place version counters, so an optimizer step or load_state_dict invalidates it;
+  parameters' storage and in-place version counters and on the process's count of torch.optim steps, so an
+  optimizer step (fused ones too) or load_state_dict invalidates it;
 - `fold_actnorm(flow)`: an equivalent eval-only flow with every [ActNorm, InvertibleLinear] pair folded
   into one InvertibleLinear with a bias (one affine 1x1 convolution instead of two passes);
-- `channels_last(flow)`: NHWC activations in every 1x1 convolution and conditioner;
+- `channels_last(flow)`: NHWC activations in every 1x1 convolution and conditioner (on in every CouplingConv
+  build_coupling makes; `channels_last(flow, on=False)` undoes it);
 - `compiled(fn)`: opt-in torch.compile of a function (e.g. a model's log_prob_all) with a clean eager fallback.
 """
 
@@ -36,6 +38,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
+from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch import Tensor, nn
 
 from .layers import ActNorm, Flow, FlowSequence, Squeeze, Whiten
@@ -45,6 +48,18 @@ if TYPE_CHECKING:  # flows/config.py imports this family, not the other way roun
 
 __all__ = ["CouplingMLP", "CouplingConv", "InvertibleLinear", "AffineCoupling", "FactorOut", "build_coupling",
            "fold_actnorm", "channels_last", "compiled"]
+
+
+# torch.optim steps taken in this process, by any optimizer: part of every W-cache key, because a fused optimizer
+# (Adam(fused=True), the one training/fit.py makes) updates parameters in place without bumping their version counters.
+_OPTIMIZER_STEPS = [0]
+
+
+def _count_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    _OPTIMIZER_STEPS[0] += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
 
 
 @dataclass(frozen=True)
@@ -91,7 +106,8 @@ class InvertibleLinear(Flow):
 
     While gradients are off (evaluation, sampling) the assembled W and W^-1 are cached between calls
     (`cache_weights`, on by default), keyed on the storage and in-place version counter of every
-    factor: an optimizer step, `load_state_dict` or `.to()` changes the key, so a stale W is never
+    factor and on the count of torch.optim steps taken (a fused optimizer bumps no version counter):
+    an optimizer step, `load_state_dict` or `.to()` changes the key, so a stale W is never
     used. (Writes through `.data` bypass version counters; call `clear_cache()` after such a write.)
     With gradients on, W is assembled in the graph at every call, as before.
     """
@@ -137,10 +153,12 @@ class InvertibleLinear(Flow):
         return self.lower, self.upper, self.log_s, self.perm, self.sign_s
 
     def _cache_key(self) -> tuple:
-        # storage address + in-place version of each factor: Adam's update, load_state_dict's copy_ and ActNorm-style
-        # fills bump the version; .to() / .data = ... give a new storage (kept alive by the cache, so an address is
-        # not reused while its entry exists)
-        return tuple((t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape)) for t in self._factor_tensors())
+        # storage address + in-place version of each factor: foreach Adam's update, load_state_dict's copy_ and
+        # ActNorm-style fills bump the version; .to() / .data = ... give a new storage (kept alive by the cache, so an
+        # address is not reused while its entry exists); fused optimizers bump no version, so every torch.optim step
+        # (any optimizer's) invalidates too
+        return (_OPTIMIZER_STEPS[0],) + tuple((t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape))
+                                              for t in self._factor_tensors())
 
     def _cached(self, name: str, make: Callable[[], Tensor]) -> Tensor:
         """make(), or its value from an earlier call with the same factors; only while gradients are off."""
@@ -357,7 +375,7 @@ def build_coupling(data_shape: tuple[int, ...], cfg: ModelConfig) -> FlowSequenc
         if h % (2 ** arch.n_scales) or w % (2 ** arch.n_scales):
             raise ValueError(f"coupling_conv with {arch.n_scales} scales squeezes {arch.n_scales} times: height and "
                              f"width must be multiples of {2 ** arch.n_scales}, got {h} x {w}")
-        return FlowSequence(pre + _conv_scales((c, h, w), arch, cfg.actnorm, 0))
+        return channels_last(FlowSequence(pre + _conv_scales((c, h, w), arch, cfg.actnorm, 0)))
     raise ValueError(f"build_coupling needs a coupling architecture (coupling_mlp, coupling_conv), got {arch!r}")
 
 
@@ -407,15 +425,18 @@ def _fold_pairs(module: nn.Module) -> None:
     module.layers = nn.ModuleList(out)
 
 
-def channels_last(flow: nn.Module) -> nn.Module:
+def channels_last(flow: nn.Module, on: bool = True) -> nn.Module:
     """`flow` with NHWC (channels_last) activations: every InvertibleLinear makes its 4-D input NHWC (a squeeze gives
     NCHW), so the couplings' slices, conditioners and concatenations that follow run NHWC; the conditioners' 4-D
-    weights are converted too. The same function (float64 to round-off); vectors are untouched. Returns flow."""
+    weights are converted too. The same function (float64 to round-off); vectors are untouched. build_coupling
+    applies it to every CouplingConv (+13-15% training img/s on CPU, benchmarks/RESULTS.md); `on=False` returns
+    to NCHW (the benchmarks' before). Returns flow."""
+    fmt = torch.channels_last if on else torch.contiguous_format
     for m in flow.modules():
         if isinstance(m, InvertibleLinear):
-            m.memory_format = torch.channels_last
+            m.memory_format = torch.channels_last if on else None
         elif isinstance(m, AffineCoupling):
-            m.net.to(memory_format=torch.channels_last)
+            m.net.to(memory_format=fmt)
     return flow
 
 

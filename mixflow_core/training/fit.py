@@ -1,7 +1,8 @@
 """fit(model, data, cfg, runtime) -> History: one training loop for CPU, one GPU, or many under torchrun.
 
 - Adam with two parameter groups: the flow, and the prior (own lr and weight decay; the
-  original student model applied weight decay to the prior too, which TrainConfig can repeat).
+  original student model applied weight decay to the prior too, which TrainConfig can repeat);
+  fused (one kernel over all parameters) where the device has the kernel, else the default foreach Adam.
 - Per epoch: validation loss / bits/dim / accuracy (all-reduced across ranks), distances
   between class means in sigma units, fixed-point inverse error; early stopping on
   validation bits/dim or accuracy, restoring the best weights at the end.
@@ -110,7 +111,10 @@ def _optimizer(model: MixtureFlow, cfg: TrainConfig) -> torch.optim.Adam:
     groups = [{"params": flow_params, "lr": cfg.lr, "weight_decay": cfg.weight_decay, "name": "flow"}]
     if prior_params:
         groups.append({"params": prior_params, "lr": cfg.prior_lr or cfg.lr, "weight_decay": cfg.prior_weight_decay, "name": "prior"})
-    return torch.optim.Adam(groups)
+    try:  # one fused kernel over all parameters: +1% (images) to +22% (digits) training img/s on CPU (RESULTS.md)
+        return torch.optim.Adam(groups, fused=True)
+    except (RuntimeError, ValueError):  # a device or dtype without the fused kernel: the default (foreach) Adam
+        return torch.optim.Adam(groups)
 
 
 def _scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, epochs: int) -> torch.optim.lr_scheduler.LRScheduler:

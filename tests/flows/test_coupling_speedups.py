@@ -67,7 +67,7 @@ def test_the_cache_serves_w_and_its_inverse_only_while_gradients_are_off():
     assert all(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in layer.parameters())
 
 
-@pytest.mark.parametrize("how", ["adam", "load_state_dict", "to_float32"])
+@pytest.mark.parametrize("how", ["adam", "fused_adam", "load_state_dict", "to_float32"])
 def test_the_cache_is_invalidated_when_the_weights_change(how):
     """A stale W would give the old function: compare with the cache off after each way weights change."""
     model = build_model((1, 4, 4), 3, 17, ModelConfig(arch=CouplingConv(channels=3, n_steps=1, n_scales=2),
@@ -81,8 +81,8 @@ def test_the_cache_is_invalidated_when_the_weights_change(how):
         z = model.latent(x)
         decoded_before = model.decode(z)
     assert all("weight" in m._cache and "inverse_weight" in m._cache for m in _linears(model))
-    if how == "adam":
-        opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    if how in ("adam", "fused_adam"):  # fused Adam (fit's) updates without bumping the version counters
+        opt = torch.optim.Adam(model.parameters(), lr=0.05, fused=how == "fused_adam")
         model.train()
         likelihood(model.log_prob_all(x), y, model.prior.log_class_probs, model.dim).backward()
         opt.step()
@@ -173,10 +173,23 @@ def test_a_folded_model_gives_the_same_log_densities_and_samples():
 
 
 # -- channels_last ------------------------------------------------------------------------------------------
+def test_build_coupling_makes_images_channels_last_and_leaves_vectors():
+    for name, fmt in (("mlp", None), ("conv", torch.channels_last), ("conv_factor_out", torch.channels_last)):
+        arch, shape = ARCHS[name]
+        flow = build_coupling(shape, ModelConfig(arch=arch))
+        assert {m.memory_format for m in _linears(flow)} == {fmt}, name
+        if fmt is not None:
+            convs = [m for m in flow.modules() if isinstance(m, torch.nn.Conv2d)]
+            assert convs and all(c.weight.is_contiguous(memory_format=fmt) for c in convs)
+            back = channels_last(flow, on=False)
+            assert {m.memory_format for m in _linears(back)} == {None}
+            assert all(c.weight.is_contiguous() for c in convs)
+
+
 @pytest.mark.parametrize("name", ["conv", "conv_factor_out"])
 def test_channels_last_gives_the_same_outputs(name):
-    flow, x = _flow(name)
-    nhwc = channels_last(copy.deepcopy(flow))
+    nhwc, x = _flow(name)  # build_coupling's default: channels_last
+    flow = channels_last(copy.deepcopy(nhwc), on=False)
     xc = x.contiguous(memory_format=torch.channels_last)
     _same_function(flow, nhwc, x, xc, atol=1e-12)
     nhwc.train()  # and it trains: gradients as the NCHW flow's

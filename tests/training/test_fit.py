@@ -1,6 +1,7 @@
 """fit(model, data, cfg, runtime): learning, resume = uninterrupted run, atomic checkpoints, NaN guard,
 early stopping, optimiser groups, DDP under torchrun (2 CPU processes, gloo), time budget."""
 
+import copy
 import pickle
 import json
 import math
@@ -412,6 +413,39 @@ def test_optimizer_groups_with_trainable_prior(prior_lr):
     assert groups["flow"]["weight_decay"] == 1e-3
     assert groups["prior"]["weight_decay"] == 0.0  # not inherited from the flow
     assert groups["prior"]["lr"] == (prior_lr or rc.train.lr)
+
+
+def test_the_optimizer_is_fused_adam_and_steps_as_the_foreach_one():
+    """fit's Adam runs fused on the CPU (one kernel over all parameters) and updates as the default (foreach) Adam
+    does, to float64 round-off, over several steps with both groups' weight decay."""
+    rc = smoke("digits", prior={"learn_means": True}, weight_decay=0.1, prior_weight_decay=0.2)
+    torch.manual_seed(0)
+    model, _ = build(rc)
+    model = model.double()
+    twin = copy.deepcopy(model)
+    opt = _optimizer(model, rc.train)
+    assert opt.defaults["fused"] is True
+    ref = torch.optim.Adam(_regroup(opt, model, twin), foreach=True)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        grads = [torch.randn(p.shape, generator=g, dtype=p.dtype) for p in model.parameters()]
+        for m in (model, twin):
+            for p, gr in zip(m.parameters(), grads):
+                p.grad = gr.clone()
+        opt.step()
+        ref.step()
+    for (name, a), (_, b) in zip(model.named_parameters(), twin.named_parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14, msg=name)
+    assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters())  # every parameter moved
+
+
+def _regroup(opt, model, twin):
+    """opt's parameter groups (hyperparameters as they are) over twin's parameters at the same positions."""
+    index = {id(p): i for i, p in enumerate(model.parameters())}
+    twins = list(twin.parameters())
+    return [{k: v for k, v in g.items() if k not in ("params", "fused", "foreach")}
+            | {"params": [twins[index[id(p)]] for p in g["params"]]} for g in opt.param_groups]
 
 
 @pytest.mark.parametrize("prior_weight_decay", [0.0, 0.5])
