@@ -80,6 +80,10 @@ Our variants (the levers of issue 22, mixflow_core/flows/coupling.py):
   log p(x|k), its backward compiled with it); the first call's time (the compilation, about a minute for a
   training step on this CPU) is the "first call (s)" column; no sampling row; skipped with --no-compile.
 
+`--profile` times nothing against the peers: it profiles the shipped training step of each case with
+torch.profiler (top ops by self CPU time; convolutions, matmuls, Adam and the rest as shares; the convolutions by
+input shape), to say where the time goes.
+
 Timing: after --warmup steps per model, --rounds rounds; in each, every variant runs --steps calls
 (train, then eval, then sample phases, variants interleaved, the order rotated per round); img/s from the
 median round, with the min-max over rounds. FLOPs per image: torch.utils.flop_counter.FlopCounterMode
@@ -88,7 +92,7 @@ its eager model's count); GFLOP/s = FLOPs/img x img/s, and that as a fraction of
 timed in the same run and thread count.
 
     .venv/bin/python benchmarks/throughput_peers.py --threads 1 [--rounds 7] [--steps 10] [--case images digits]
-        [--json out.json] [--no-compile] [--only mixflow normflows]
+        [--json out.json] [--no-compile] [--only mixflow normflows] [--profile]
 
 The peers are benchmark-only dependencies (never in pyproject.toml):
     .venv/bin/pip install normflows==1.7.3 FrEIA==0.2 zuko
@@ -861,6 +865,53 @@ def load_ours_into_freia(ours: nn.Module, inn: nn.Module) -> None:
                 b.bias.copy_(a.bias)
 
 
+# -- profile ------------------------------------------------------------------------------------------------
+CONV_OPS = ("aten::mkldnn_convolution", "aten::convolution_backward", "aten::_convolution", "aten::convolution",
+            "aten::conv2d", "aten::thnn_conv2d", "aten::_slow_conv2d_forward", "aten::_slow_conv2d_backward")
+
+
+def profile_shipped(case: Case, args: argparse.Namespace) -> None:
+    """torch.profiler over --steps shipped training steps: the top ops by self CPU time, the convolutions' time by
+    input shape, and the step's time split into convolutions, matmuls, Adam and the rest."""
+    from torch.profiler import ProfilerActivity, profile
+
+    variant = shipped_variant(case, {"flow_params": 0, "prior_params": 0, "fixed": 0})
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, case.levels, (args.batch, *case.shape), generator=gen).to(torch.uint8)
+    y = torch.arange(args.batch) % K
+    for _ in range(args.warmup):
+        variant.train(x, y)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            variant.train(x, y)
+        wall = time.perf_counter() - t0
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    print(f"\n## profile: {case.name}, the shipped training step, {args.steps} steps of batch {args.batch}, "
+          f"{args.threads} thread(s): {1000 * wall / args.steps:.1f} ms/step\n")
+    rows = [{"op": e.key, "self CPU %": 100 * e.self_cpu_time_total / total, "calls per step": e.count / args.steps,
+             "µs per call": e.self_cpu_time_total / max(e.count, 1)}
+            for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:15]]
+    print(table(rows))
+
+    def share(pred: Callable[[str], bool]) -> float:
+        return 100 * sum(e.self_cpu_time_total for e in events if pred(e.key)) / total
+
+    conv = share(lambda k: k in CONV_OPS)
+    mm = share(lambda k: k in ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul"))
+    adam = share(lambda k: "adam" in k.lower())
+    print(f"\nself CPU time: convolutions (forward and backward) {conv:.1f}%, matmuls {mm:.1f}%, Adam {adam:.1f}%, "
+          f"everything else (elementwise, copies, autograd bookkeeping) {100 - conv - mm - adam:.1f}%")
+    by_shape = [e for e in prof.key_averages(group_by_input_shape=True) if e.key in CONV_OPS]
+    rows = [{"op": e.key, "input shapes": str(e.input_shapes[:2])[:90], "self CPU %": 100 * e.self_cpu_time_total / total,
+             "µs per call": e.self_cpu_time_total / max(e.count, 1)}
+            for e in sorted(by_shape, key=lambda e: -e.self_cpu_time_total)[:10]]
+    if rows:
+        print("\nconvolutions by input shape (the ten costliest):\n")
+        print(table(rows))
+
+
 # -- main ---------------------------------------------------------------------------------------------------
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -876,6 +927,8 @@ def main() -> None:
                                                               "a minute or more on 2 cores)")
     ap.add_argument("--only", nargs="*", help="variants whose name starts with one of these")
     ap.add_argument("--json", help="write every row (and the header) to this file")
+    ap.add_argument("--profile", action="store_true",
+                    help="only profile the shipped training step of each case (torch.profiler): where the time goes")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     warnings.simplefilter("default")
@@ -885,6 +938,10 @@ def main() -> None:
     print(head)
     print(f"batch {args.batch} (train) / {args.eval_batch} (eval) / {args.sample_batch} (sample), {args.rounds} rounds x "
           f"{args.steps} calls per variant, interleaved, warm-up {args.warmup}\n")
+    if args.profile:
+        for name in args.case:
+            profile_shipped(CASES[name], args)
+        return
     out: dict[str, Any] = {"header": head, "args": vars(args), "rows": [], "params": [], "notes": []}
     for name in args.case:
         case = CASES[name]
