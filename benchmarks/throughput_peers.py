@@ -936,12 +936,12 @@ def main() -> None:
     warnings.filterwarnings("ignore", ".*_prims_common.check", FutureWarning)  # inductor's own
     head = header(args.threads)
     print(head)
-    print(f"batch {args.batch} (train) / {args.eval_batch} (eval) / {args.sample_batch} (sample), {args.rounds} rounds x "
-          f"{args.steps} calls per variant, interleaved, warm-up {args.warmup}\n")
     if args.profile:
         for name in args.case:
             profile_shipped(CASES[name], args)
         return
+    print(f"batch {args.batch} (train) / {args.eval_batch} (eval) / {args.sample_batch} (sample), {args.rounds} rounds x "
+          f"{args.steps} calls per variant, interleaved, warm-up {args.warmup}\n")
     out: dict[str, Any] = {"header": head, "args": vars(args), "rows": [], "params": [], "notes": []}
     for name in args.case:
         case = CASES[name]

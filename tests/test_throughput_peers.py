@@ -154,3 +154,31 @@ def test_a_fresh_peer_and_ours_give_finite_log_densities_of_the_same_size(bench,
     assert torch.isfinite(ours_lp) and torch.isfinite(peer_lp)
     if peer in ("normflows", "FrEIA Glow-style"):
         assert abs(float(peer_lp - ours_lp)) < 0.02, (float(peer_lp), float(ours_lp))
+
+
+def test_the_before_and_shipped_paths_compute_one_function(bench):
+    """'mixflow' (before issue 22: NCHW) and 'mixflow as shipped' (channels_last) are the same model up to layout,
+    so their img/s ratio measures the layout only (no peer needed)."""
+    case = bench.CASES["images"]
+    before, shipped = bench.build_before(case), bench.build_ours(case)
+    linears = [m for m in before.modules() if isinstance(m, bench.coupling.InvertibleLinear)]
+    assert linears and {m.memory_format for m in linears} == {None}
+    assert {m.memory_format for m in shipped.modules() if isinstance(m, bench.coupling.InvertibleLinear)} == {
+        torch.channels_last}
+    x = torch.randint(0, case.levels, (3, *case.shape), generator=torch.Generator().manual_seed(0))
+    out = []
+    for model in (shipped, before):
+        torch.manual_seed(1)  # the same dequantisation noise
+        with torch.no_grad():
+            out.append(model.log_prob_all(x))
+    torch.testing.assert_close(out[0], out[1], rtol=1e-10, atol=1e-8)
+
+
+def test_the_profile_splits_the_shipped_step(bench, capsys):
+    args = bench.argparse.Namespace(batch=8, warmup=1, steps=2, threads=1)
+    bench.profile_shipped(bench.CASES["digits"], args)
+    out = capsys.readouterr().out
+    assert "the shipped training step" in out and "| op |" in out
+    shares = [float(v.rstrip("%")) for v in
+              out.split("self CPU time: ")[1].split("\n")[0].replace(",", "").split() if v.endswith("%")]
+    assert len(shares) == 4 and abs(sum(shares) - 100) < 0.2 and shares[1] > 0  # digits: matmuls, no convolutions

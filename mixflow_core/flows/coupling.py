@@ -429,7 +429,7 @@ def channels_last(flow: nn.Module, on: bool = True) -> nn.Module:
     """`flow` with NHWC (channels_last) activations: every InvertibleLinear makes its 4-D input NHWC (a squeeze gives
     NCHW), so the couplings' slices, conditioners and concatenations that follow run NHWC; the conditioners' 4-D
     weights are converted too. The same function (float64 to round-off); vectors are untouched. build_coupling
-    applies it to every CouplingConv (+13-15% training img/s on CPU, benchmarks/RESULTS.md); `on=False` returns
+    applies it to every CouplingConv (+11-20% training img/s on CPU, benchmarks/RESULTS.md); `on=False` returns
     to NCHW (the benchmarks' before). Returns flow."""
     fmt = torch.channels_last if on else torch.contiguous_format
     for m in flow.modules():
