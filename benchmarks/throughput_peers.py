@@ -92,7 +92,7 @@ its eager model's count); GFLOP/s = FLOPs/img x img/s, and that as a fraction of
 timed in the same run and thread count.
 
     .venv/bin/python benchmarks/throughput_peers.py --threads 1 [--rounds 7] [--steps 10] [--case images digits]
-        [--json out.json] [--no-compile] [--only mixflow normflows] [--profile]
+        [--json out.json] [--no-compile] [--only mixflow normflows] [--relu-inplace] [--profile]
 
 The peers are benchmark-only dependencies (never in pyproject.toml):
     .venv/bin/pip install normflows==1.7.3 FrEIA==0.2 zuko
@@ -128,6 +128,8 @@ from mixflow_core import CouplingConv, CouplingMLP, ModelConfig, PriorConfig, bu
 from mixflow_core.flows import coupling  # noqa: E402
 from mixflow_core.flows.model import MixtureFlow  # noqa: E402
 from mixflow_core.flows.objectives import likelihood  # noqa: E402
+from mixflow_core.training.config import TrainConfig  # noqa: E402
+from mixflow_core.training.fit import make_optimizer  # noqa: E402
 
 ALPHA = 0.05  # logit margin, ModelConfig's default
 K = 10  # classes
@@ -413,7 +415,7 @@ def peer_variant(name: str, library: str, flow: PeerFlow, case: Case, note: str 
     return Variant(name, library, train, evaluate, sample, trained, count(prior)[0], fixed, note, train_model=holder)
 
 
-def ours_variants(case: Case, compile_: bool) -> list[Variant]:
+def ours_variants(case: Case, compile_: bool, relu_inplace: bool = False) -> list[Variant]:
     """The path before issue 22, each lever on it, and the path as shipped; eval-only variants share the first
     variant's (trained) model."""
     model = build_before(case)
@@ -421,23 +423,15 @@ def ours_variants(case: Case, compile_: bool) -> list[Variant]:
     trained, fixed = count(model.flow)
     prior_params = count(model.prior)[0]
 
-    def evaluator(grad_mode: Callable[[], contextlib.AbstractContextManager], cache: bool,
-                  get: Callable[[], MixtureFlow] = lambda: model) -> Callable[[Tensor], Tensor]:
-        def evaluate(x: Tensor) -> Tensor:
+    def caller(method: str, grad_mode: Callable[[], contextlib.AbstractContextManager], cache: bool,
+               get: Callable[[], MixtureFlow] = lambda: model) -> Callable[[Tensor], Tensor]:
+        """A timed call of get().method ("log_prob_all": evaluate, "sample") with the W cache on or off."""
+        def call(arg: Tensor) -> Tensor:
             m = get()
             set_weight_cache(m, cache)
             with grad_off(grad_mode):
-                return m.log_prob_all(x)
-        return evaluate
-
-    def sampler(grad_mode: Callable[[], contextlib.AbstractContextManager], cache: bool,
-                get: Callable[[], MixtureFlow] = lambda: model) -> Callable[[Tensor], Tensor]:
-        def sample(y: Tensor) -> Tensor:
-            m = get()
-            set_weight_cache(m, cache)
-            with grad_off(grad_mode):
-                return m.sample(y)
-        return sample
+                return getattr(m, method)(arg)
+        return call
 
     folded: list[MixtureFlow] = []
 
@@ -449,21 +443,24 @@ def ours_variants(case: Case, compile_: bool) -> list[Variant]:
 
     base = dict(flow_params=trained, prior_params=prior_params, fixed=fixed)
     out = [
-        Variant("mixflow", "ours", trainer(model, opt), evaluator(torch.no_grad, False),
-                sampler(torch.no_grad, False), **base,
+        Variant("mixflow", "ours", trainer(model, opt), caller("log_prob_all", torch.no_grad, False),
+                caller("sample", torch.no_grad, False), **base,
                 note="before issue 22: NCHW, foreach Adam, no_grad, no W cache", train_model=model),
-        Variant("mixflow + inference_mode", "ours", None, evaluator(torch.inference_mode, False),
-                sampler(torch.inference_mode, False), **base),
-        Variant("mixflow + inference_mode + W cache", "ours", None, evaluator(torch.inference_mode, True),
-                sampler(torch.inference_mode, True), **base),
+        Variant("mixflow + inference_mode", "ours", None, caller("log_prob_all", torch.inference_mode, False),
+                caller("sample", torch.inference_mode, False), **base),
+        Variant("mixflow + inference_mode + W cache", "ours", None, caller("log_prob_all", torch.inference_mode, True),
+                caller("sample", torch.inference_mode, True), **base),
         Variant("mixflow + inference_mode + W cache + folded ActNorm", "ours", None,
-                evaluator(torch.inference_mode, True, get_folded), sampler(torch.inference_mode, True, get_folded),
+                caller("log_prob_all", torch.inference_mode, True, get_folded),
+                caller("sample", torch.inference_mode, True, get_folded),
                 **base, note="fold_actnorm(flow), folded after the training phase"),
     ]
     out.append(fused_adam_variant(case, base))
     if len(case.shape) == 3:
         out.append(channels_last_variant(case, base))
     out.append(shipped_variant(case, base))
+    if relu_inplace:
+        out.append(shipped_variant(case, base, relu_inplace=True))
     if compile_:
         out.append(compiled_variant(case, base))
         if len(case.shape) == 3:
@@ -479,11 +476,14 @@ def build_before(case: Case) -> MixtureFlow:
     return model
 
 
-def trainer(model: MixtureFlow, opt: torch.optim.Optimizer,
-            layout: Callable[[Tensor], Tensor] = lambda x: x) -> Callable[[Tensor, Tensor], None]:
-    """One training step of `model` with `opt`: likelihood loss, backward, update."""
+def trainer(model: MixtureFlow, opt: torch.optim.Optimizer, layout: Callable[[Tensor], Tensor] = lambda x: x,
+            log_prob_all: Callable[[Tensor], Tensor] | None = None) -> Callable[[Tensor, Tensor], None]:
+    """One training step of `model` with `opt`: likelihood loss of log_prob_all (default model.log_prob_all) on
+    layout(x), backward, update."""
+    log_prob_all = log_prob_all or model.log_prob_all
+
     def train(x: Tensor, y: Tensor) -> None:
-        loss = likelihood(model.log_prob_all(layout(x)), y, model.prior.log_class_probs, model.dim)
+        loss = likelihood(log_prob_all(layout(x)), y, model.prior.log_class_probs, model.dim)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -521,17 +521,22 @@ def channels_last_variant(case: Case, base: dict) -> Variant:
                    train_model=model)
 
 
-def shipped_variant(case: Case, base: dict) -> Variant:
+def shipped_variant(case: Case, base: dict, relu_inplace: bool = False) -> Variant:
     """The path as shipped since issue 22: build_model's flow (channels_last for images), fit's fused Adam,
-    evaluation under no_grad and sampling as eval/metrics.py and MixtureFlow.sample run them (W cache on)."""
+    evaluation under no_grad and sampling as eval/metrics.py and MixtureFlow.sample run them (W cache on);
+    `relu_inplace`: the conditioners' ReLUs in place (a lever measured, not shipped)."""
     model = build_ours(case)
-    opt = torch.optim.Adam(model.parameters(), lr=LR, fused=True)
+    for m in model.modules():
+        if isinstance(m, nn.ReLU):
+            m.inplace = relu_inplace
+    opt = make_optimizer(model, TrainConfig(lr=LR))  # fit's own (fused Adam since issue 22)
 
     def evaluate(x: Tensor) -> Tensor:
         with torch.no_grad():
             return model.log_prob_all(x)
 
-    return Variant("mixflow as shipped", "ours", trainer(model, opt), evaluate, model.sample, **base,
+    return Variant("mixflow as shipped" + (", in-place ReLU" if relu_inplace else ""), "ours", trainer(model, opt),
+                   evaluate, model.sample, **base,
                    note="channels_last (images) + fused Adam + W cache, no_grad: the defaults since issue 22",
                    train_model=model)
 
@@ -539,16 +544,8 @@ def shipped_variant(case: Case, base: dict) -> Variant:
 def compiled_variant(case: Case, base: dict, nhwc: bool = False) -> Variant:
     model = build_ours(case) if nhwc else build_before(case)
     fast = coupling.compiled(model)  # model(x) = log p(x|k) for all k
-    opt = torch.optim.Adam(model.parameters(), lr=LR)
-
-    def layout(x: Tensor) -> Tensor:
-        return x.contiguous(memory_format=torch.channels_last) if nhwc else x
-
-    def train(x: Tensor, y: Tensor) -> None:
-        loss = likelihood(fast(layout(x)), y, model.prior.log_class_probs, model.dim)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    layout = to_nhwc if nhwc else (lambda x: x)
+    train = trainer(model, torch.optim.Adam(model.parameters(), lr=LR), layout, fast)
 
     def evaluate(x: Tensor) -> Tensor:
         with grad_off():
@@ -628,7 +625,7 @@ def run_case(case: Case, args: argparse.Namespace) -> tuple[list[dict], list[dic
     y_all = torch.arange(n_data) % K
     notes: list[str] = []
 
-    variants = ours_variants(case, not args.no_compile)
+    variants = ours_variants(case, not args.no_compile, args.relu_inplace)
     peers, missing = peer_variants(case)
     variants += peers
     notes += missing
@@ -927,6 +924,8 @@ def main() -> None:
                                                               "a minute or more on 2 cores)")
     ap.add_argument("--only", nargs="*", help="variants whose name starts with one of these")
     ap.add_argument("--json", help="write every row (and the header) to this file")
+    ap.add_argument("--relu-inplace", action="store_true",
+                    help="add 'mixflow as shipped, in-place ReLU' (the conditioners' ReLUs in place; not shipped)")
     ap.add_argument("--profile", action="store_true",
                     help="only profile the shipped training step of each case (torch.profiler): where the time goes")
     args = ap.parse_args()

@@ -34,7 +34,7 @@ from mixflow_core.study.widgets import render_png
 from mixflow_core.training.checkpoint import load_checkpoint
 from mixflow_core.training.config import RunConfig, RuntimeConfig, TrainConfig
 from mixflow_core.training.distributed import DistContext
-from mixflow_core.training.fit import History, _init_actnorm, _init_prior, _optimizer, _State, _step, fit
+from mixflow_core.training.fit import History, _init_actnorm, _init_prior, _State, _step, fit, make_optimizer
 from mixflow_core.training.profiles import get_profile
 from mixflow_core.training.runs import evaluate_seeded, load_run_model, train_run
 from tests.helpers import off_centre_data
@@ -328,7 +328,7 @@ def _sync_warnings_of_a_step(n_blocks: int) -> list[str]:
     x = torch.randint(0, 256, (32, 1, 8, 8), generator=gen, dtype=torch.uint8).to(CUDA)
     y = (torch.arange(32) % 10).to(CUDA)
     train, runtime = TrainConfig(batch_size=32, early_stopping="none"), RuntimeConfig(device="cuda", progress=False)
-    opt, state, ctx = _optimizer(model, train), _State(History()), DistContext()
+    opt, state, ctx = make_optimizer(model, train), _State(History()), DistContext()
     for _ in range(2):
         assert _step(model, model, x, y, opt, train, runtime, state, ctx, 0) is not None
     torch.cuda.synchronize()

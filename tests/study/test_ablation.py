@@ -16,7 +16,7 @@ from mixflow_core.data import load_data
 from mixflow_core.study import ablation
 from mixflow_core.study.ablation import STUDENT_OVERRIDES, ablate, read_rows, student_config, variants
 from mixflow_core.training.config import RunConfig, apply_overrides, flatten
-from mixflow_core.training.fit import _optimizer
+from mixflow_core.training.fit import make_optimizer
 from mixflow_core.training.profiles import get_profile
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -55,7 +55,7 @@ def test_student_config_has_the_students_properties() -> None:
     for t in (prior.means.detach(), prior.log_scales.detach()):
         assert 0 <= float(t.min()) and float(t.max()) < 1 and float(t.std()) > 0.1
     # weight decay 5e-4 on every parameter, the prior's included, lr 0.01
-    groups = {g["name"]: g for g in _optimizer(model, cfg.train).param_groups}
+    groups = {g["name"]: g for g in make_optimizer(model, cfg.train).param_groups}
     assert groups["prior"]["weight_decay"] == 5e-4 and groups["flow"]["weight_decay"] == 5e-4
     assert groups["prior"]["lr"] == groups["flow"]["lr"] == 0.01
     assert {id(p) for p in groups["prior"]["params"]} == {id(prior.means), id(prior.log_scales)}

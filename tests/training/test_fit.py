@@ -22,7 +22,7 @@ from mixflow_core.data import Splits, load_data
 from mixflow_core.eval.metrics import evaluate, log_likelihood_table
 from mixflow_core.training.checkpoint import CheckpointError, load_checkpoint
 from mixflow_core.training.config import RunConfig, RuntimeConfig, TrainConfig
-from mixflow_core.training.fit import History, NonFiniteLossError, _optimizer, fit
+from mixflow_core.training.fit import History, NonFiniteLossError, fit, make_optimizer
 from mixflow_core.training.io import save_torch
 from mixflow_core.training.profiles import get_profile
 from tests.helpers import free_port
@@ -394,7 +394,7 @@ def test_no_early_stopping_keeps_last_weights():
 def test_optimizer_groups_without_trainable_prior():
     rc = smoke("digits", weight_decay=1e-3, prior_weight_decay=5e-4)
     model, _ = build(rc)  # smoke prior: fixed means and scales (buffers)
-    opt = _optimizer(model, rc.train)
+    opt = make_optimizer(model, rc.train)
     assert [g["name"] for g in opt.param_groups] == ["flow"]
     assert opt.param_groups[0]["weight_decay"] == 1e-3 and opt.param_groups[0]["lr"] == rc.train.lr
     assert len(opt.param_groups[0]["params"]) == len(list(model.parameters()))
@@ -404,7 +404,7 @@ def test_optimizer_groups_without_trainable_prior():
 def test_optimizer_groups_with_trainable_prior(prior_lr):
     rc = smoke("digits", prior={"learn_means": True, "learn_scales": True}, weight_decay=1e-3, prior_lr=prior_lr)
     model, _ = build(rc)
-    groups = {g["name"]: g for g in _optimizer(model, rc.train).param_groups}
+    groups = {g["name"]: g for g in make_optimizer(model, rc.train).param_groups}
     assert set(groups) == {"flow", "prior"}
     prior_ids = {id(model.prior.means), id(model.prior.log_scales)}
     assert {id(p) for p in groups["prior"]["params"]} == prior_ids
@@ -423,7 +423,7 @@ def test_the_optimizer_is_fused_adam_and_steps_as_the_foreach_one():
     model, _ = build(rc)
     model = model.double()
     twin = copy.deepcopy(model)
-    opt = _optimizer(model, rc.train)
+    opt = make_optimizer(model, rc.train)
     assert opt.defaults["fused"] is True
     ref = torch.optim.Adam(_regroup(opt, model, twin), foreach=True)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -453,7 +453,7 @@ def test_weight_decay_reaches_prior_only_when_set(prior_weight_decay):
     """With zero loss gradients an Adam step moves a parameter only through its group's L2 penalty."""
     rc = smoke("digits", prior={"learn_means": True}, weight_decay=0.5, prior_weight_decay=prior_weight_decay)
     model, _ = build(rc)
-    opt = _optimizer(model, rc.train)
+    opt = make_optimizer(model, rc.train)
     before = params_snapshot(model)
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
